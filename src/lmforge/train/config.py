@@ -1,0 +1,75 @@
+"""The trainer's own config section (`train:` in a run's YAML)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from lmforge.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """How to optimise: steps, batch, schedule, precision, logging and checkpoints.
+
+    Args:
+        max_steps: optimizer steps to run.
+        batch_size: sequences per micro-batch (per process).
+        grad_accum: micro-batches accumulated per optimizer step.
+        lr: peak learning rate.
+        min_lr: learning rate at the end of the decay.
+        warmup_steps: linear warm-up steps from 0 to `lr`.
+        decay_steps: steps over which the schedule decays to `min_lr` (default: max_steps).
+        schedule: 'cosine', 'linear' or 'constant' after warm-up.
+        weight_decay: AdamW decay on matrices (biases, norms and 1-D params are never decayed).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        eps: AdamW epsilon.
+        grad_clip: max global grad norm (0 disables clipping).
+        eval_every: run validation every N steps (and at the end); 0 only at the end.
+        eval_batches: validation batches per evaluation (None: the whole validation split).
+        log_every: write a metrics line every N steps.
+        save_every: write a checkpoint every N steps (0: only at the end).
+        keep_checkpoints: how many step checkpoints to keep (the newest).
+        seed: seeds model init, data order and dropout; a run is reproducible from it.
+        device: 'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ...
+        precision: 'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'.
+        compile: wrap the model with torch.compile.
+        threads: CPU threads for torch (None: torch's default).
+        tensorboard: also write TensorBoard event files.
+        progress: show a progress bar.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 12
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: Optional[int] = None
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_batches: Optional[int] = None
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    threads: Optional[int] = None
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got {self.lr}, {self.min_lr})")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")

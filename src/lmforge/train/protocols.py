@@ -1,0 +1,38 @@
+"""The two seams of the trainer. The loop knows nothing about models, objectives or tasks beyond these.
+
+A batch is a `dict[str, torch.Tensor]` of CPU tensors; the trainer moves it to the device.
+Conventional keys: `input_ids` (B, T) long, `labels` (B, T) long with -100 = ignored,
+`attention_mask` (B, T) long/bool with 1 = real token, `token_type_ids` (B, T), `nsp_labels` (B,).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+class Objective(Protocol):
+    """Turns a batch into a loss. `metrics` holds 0-dim tensors (means over the batch, e.g. 'acc');
+    do not call .item() (that would sync the device). The trainer averages metrics over
+    micro-batches and validation batches with equal weight and reports `loss` and, where
+    `reports_perplexity` is true, `ppl = exp(loss)`."""
+
+    reports_perplexity: bool
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class Batcher(Protocol):
+    """Produces batches deterministically: `train_batch(step, micro)` depends only on
+    (seed, step, micro, rank, world_size), which makes resume exact and sharding trivial.
+    `val_batches()` yields the same fixed batches every call (all of the validation split, or the
+    first `limit` batches)."""
+
+    tokens_per_batch: int  # tokens in one train micro-batch (for tokens/s)
+
+    def train_batch(self, step: int, micro: int) -> Batch: ...
+
+    def val_batches(self, limit: int | None = None) -> Iterable[Batch]: ...
