@@ -36,3 +36,22 @@ class Batcher(Protocol):
     def train_batch(self, step: int, micro: int) -> Batch: ...
 
     def val_batches(self, limit: int | None = None) -> Iterable[Batch]: ...
+
+
+class ObjectiveContext:
+    """What an objective builder gets from the pretrain recipe. A builder is a function
+    `build(ctx: ObjectiveContext) -> tuple[Batcher, Objective]`, registered by name in
+    `lmforge.recipes.pretrain.OBJECTIVES`; it validates its own `options` (from `--objective_args.*`)
+    with `lmforge.config.from_dict(SomeOptionsDataclass, ctx.options, "objective_args")`."""
+
+    def __init__(self, *, tokenizer, train, val, seq_len: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, options: dict | None = None):
+        self.tokenizer = tokenizer  # lmforge.text.tokenizer.Tokenizer
+        self.train = train  # lmforge.data.shards.TokenShards of the train split
+        self.val = val  # TokenShards of the validation split, or None
+        self.seq_len = seq_len  # tokens per sequence (model context)
+        self.batch_size = batch_size  # sequences per micro-batch
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.options = dict(options or {})
