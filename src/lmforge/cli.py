@@ -44,6 +44,27 @@ def _one_line(err: Exception) -> str:
     return "; ".join(lines[:3])
 
 
+def _expand_presets(args: list[str]) -> list[str]:
+    """`--preset NAME` (a shipped preset or a YAML path) becomes `--config PATH` in place, so that
+    flags after it override the preset's values."""
+    from lmforge.config import preset_path
+
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--preset" or a.startswith("--preset="):
+            value = a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+            if not value:
+                raise LmforgeError("--preset needs a name or a YAML path")
+            out += ["--config", str(preset_path(value))]
+            i += 1 if "=" in a else 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def run_verb(verb: str, args: list[str]) -> object:
     """Parse `args` for `verb` and call its function (raises on error; used by tests and main)."""
     from jsonargparse import CLI
@@ -51,6 +72,7 @@ def run_verb(verb: str, args: list[str]) -> object:
     if verb not in VERBS:
         raise LmforgeError(f"unknown verb '{verb}'{closest(verb, VERBS)}; verbs: {', '.join(VERBS)}")
     func = _resolve(verb)
+    args = _expand_presets(args)
     try:
         return CLI(func, args=args, exit_on_error=False, prog=f"lmforge {verb}", as_positional=True)
     except argparse.ArgumentError as e:

@@ -151,3 +151,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def save_yaml(obj: Any, path: str | Path) -> Path:
     """Write a config (dataclass or dict) as YAML, atomically."""
     return atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True))
+
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """A shipped preset by name (`shakespeare_char`) or a YAML file path."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"preset file {path} not found")
+        return path
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{name}'{closest(name, preset_names())}; shipped: {', '.join(preset_names())}")
+    return path

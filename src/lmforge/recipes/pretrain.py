@@ -1,0 +1,172 @@
+"""`lmforge pretrain`: prepared token shards -> a trained base model in `runs/<name>/`.
+
+Reads top to bottom: resolve the config, open the data, build the model and the objective, train,
+report. The objective (clm, mlm, mlm+nsp, simcse) is looked up by name; the trainer is the same.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lmforge.config import closest, to_dict
+from lmforge.errors import ConfigError
+from lmforge.train.config import TrainConfig
+
+# objective name -> "module:builder"; builder(ctx: ObjectiveContext) -> (Batcher, Objective)
+OBJECTIVES: dict[str, str] = {
+    "clm": "lmforge.train.clm:build",
+    "mlm": "lmforge.train.mlm:build_mlm",
+    "mlm+nsp": "lmforge.train.mlm:build_mlm_nsp",
+    "simcse": "lmforge.train.simcse:build",
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the training data is.
+
+    Args:
+        path: a directory written by `lmforge prepare` (token shards + index.json + tokenizer.json).
+        seq_len: tokens per training sequence (default: the model's context length, else 128).
+    """
+
+    path: str = ""
+    seq_len: Optional[int] = None
+
+
+def _objective_builder(name: str):
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective '{name}'{closest(name, OBJECTIVES)}; supported: {', '.join(OBJECTIVES)}")
+    module, func = OBJECTIVES[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def resolve_model_config(arch: str, model: dict[str, Any] | None, vocab_size: int, seq_len: int | None):
+    """The arch's config with the vocabulary size and context length filled in from the data."""
+    from lmforge.models import model_config
+
+    values = dict(model or {})
+    values.setdefault("vocab_size", vocab_size)
+    if values["vocab_size"] < vocab_size:
+        raise ConfigError(f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    cfg = model_config(arch, values)
+    ctx_field = {"gpt": "block_size", "bert": "max_position"}.get(arch)
+    if ctx_field is not None:
+        ctx_len = getattr(cfg, ctx_field)
+        if seq_len is None:
+            seq_len = ctx_len if "block_size" in values or "max_position" in values else min(ctx_len, 128)
+        if ctx_field not in values:
+            cfg = replace(cfg, **{ctx_field: seq_len})
+        elif seq_len > ctx_len:
+            raise ConfigError(f"data.seq_len={seq_len} exceeds model.{ctx_field}={ctx_len}")
+    return cfg, seq_len or 128
+
+
+def pretrain(
+    data: Optional[DataConfig] = None,
+    arch: str = "gpt",
+    model: Optional[dict[str, Any]] = None,
+    objective: str = "clm",
+    objective_args: Optional[dict[str, Any]] = None,
+    train: Optional[TrainConfig] = None,
+    name: Optional[str] = None,
+    runs_dir: str = "runs",
+    resume: Optional[str] = None,
+) -> dict[str, Any]:
+    """Pretrain a model on prepared token shards.
+
+    Args:
+        data: the prepared data (`--data.path DIR`, `--data.seq_len N`).
+        arch: model architecture: gpt, bert or lstm.
+        model: the architecture's config fields (`--model.n_layer 4 --model.d_model 128 ...`).
+        objective: clm (causal LM), mlm, mlm+nsp or simcse.
+        objective_args: the objective's options (`--objective_args.whole_word true`).
+        train: the training loop's config (`--train.lr 3e-4 --train.max_steps 2000 ...`).
+        name: run name; outputs go to RUNS_DIR/NAME (default: ARCH-OBJECTIVE-TIMESTAMP).
+        runs_dir: where run directories are created.
+        resume: continue a stopped run exactly: 'latest' (this run's newest checkpoint) or a checkpoint path.
+    """
+    from lmforge.data.shards import open_prepared
+    from lmforge.models import build_model
+    from lmforge.train.distributed import apply_compile, apply_ddp, setup_distributed
+    from lmforge.train.protocols import ObjectiveContext
+    from lmforge.train.trainer import Trainer, resolve_device
+
+    train_cfg = train or TrainConfig()
+    data = data or DataConfig()
+    if not data.path:
+        raise ConfigError("data.path is required: a directory written by `lmforge prepare` (--data.path DIR)")
+    builder = _objective_builder(objective)
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+
+    rank, world_size, local_rank = setup_distributed()
+    if world_size > 1 and train_cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        train_cfg = replace(train_cfg, device=f"cuda:{local_rank}")
+
+    train_split, val_split, tokenizer = open_prepared(data.path)
+    model_cfg, seq_len = resolve_model_config(arch, model, tokenizer.vocab_size, data.seq_len)
+    name = name or f"{arch}-{objective.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(runs_dir) / name
+    if resume in ("latest", "true", "True"):
+        resume = str(run_dir)
+    if resume is None and rank == 0 and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume latest to continue it, or another --name")
+
+    run_config = {
+        "name": name,
+        "arch": arch,
+        "model": to_dict(model_cfg),
+        "objective": objective,
+        "objective_args": dict(objective_args or {}),
+        "data": {"path": str(data.path), "seq_len": seq_len},
+        "train": to_dict(train_cfg),
+    }
+    ctx = ObjectiveContext(tokenizer=tokenizer, train=train_split, val=val_split, seq_len=seq_len,
+                           batch_size=train_cfg.batch_size, seed=train_cfg.seed, rank=rank,
+                           world_size=world_size, options=objective_args)
+    batcher, obj = builder(ctx)
+
+    torch.manual_seed(train_cfg.seed)
+    net = build_model(arch, model_cfg)
+    if rank == 0:
+        from lmforge.config import save_yaml
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(run_config, run_dir / "config.yaml")
+        describe = net.describe() if hasattr(net, "describe") else type(net).__name__
+        print(f"{describe}; objective {objective}; {train_cfg.max_steps} steps of "
+              f"{batcher.tokens_per_batch * train_cfg.grad_accum * world_size:,} tokens; "
+              f"device {resolve_device(train_cfg.device)}; run dir {run_dir}", flush=True)
+
+    def wrap(m):
+        if world_size > 1:
+            m = apply_ddp(m, resolve_device(train_cfg.device))
+        return apply_compile(m) if train_cfg.compile else m
+
+    trainer = Trainer(net, obj, batcher, train_cfg, run_dir, run_config=run_config, tokenizer=tokenizer,
+                      rank=rank, world_size=world_size, wrap=wrap)
+    result = trainer.fit(resume=resume)
+    summary = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "step": result.step,
+        "val": result.val,
+        "train_tokens_per_s": result.train_tokens_per_s,
+    }
+    if rank == 0:
+        val = "  ".join(f"{k} {v:.4f}" for k, v in result.val.items())
+        print(f"done: step {result.step}; val {val}; {result.train_tokens_per_s:,.0f} train tokens/s", flush=True)
+        print(f"checkpoint {summary['checkpoint']}\nmetrics {run_dir / 'metrics.jsonl'}  curves {run_dir / 'loss.png'}"
+              f"  tensorboard --logdir {run_dir / 'tensorboard'}", flush=True)
+    if world_size > 1 and os.environ.get("LMFORGE_KEEP_PG") is None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return summary

@@ -1,0 +1,324 @@
+"""The one training loop. It knows a model, an Objective (batch -> loss, metrics) and a Batcher
+(step -> batch), and nothing else about what is being trained.
+
+    for step in range(start, max_steps):
+        set lr(step); seed dropout from (seed, step)
+        for micro in range(grad_accum): loss = objective(model, batcher.train_batch(step, micro)); backward
+        clip; optimizer step
+        log / validate / checkpoint on their schedules
+
+Everything the next step depends on (weights, optimizer moments, the step number) is in the
+checkpoint, and the data and dropout noise are functions of (seed, step): resuming reproduces the
+uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.train.checkpoint import (
+    find_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    save_checkpoint,
+    unwrap,
+)
+from lmforge.train.config import TrainConfig
+from lmforge.train.protocols import Batcher, Objective
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CUDA by default ('auto'); fp32 on CPU unless bf16 is asked for."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to `lr` (as nanoGPT: lr * (step+1) / (warmup+1)), then decay to `min_lr`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    decay = cfg.decay_steps or cfg.max_steps
+    if step >= decay:
+        return cfg.min_lr
+    frac = (step - cfg.warmup_steps) / max(1, decay - cfg.warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1.0 - frac
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (biases, norms and other 1-D parameters are not
+    decayed). Fused kernels on CUDA; the multi-tensor (foreach) path elsewhere."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The torch seed for one step's dropout noise: a function of (seed, step) only."""
+    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard events."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, keep_until: int | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        if keep_until is not None and self.path.exists():
+            # Resuming: forget lines a crashed run wrote after the checkpoint we resume from.
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_until]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif keep_until is None and self.path.exists():
+            self.path.unlink()
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_curves(metrics_path: Path, out: Path) -> Path | None:
+    """Train and validation loss against step, as a PNG (written atomically)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmforge.storage import atomic_write_bytes
+
+    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
+    train = [(r["step"], r["loss"]) for r in rows if r["split"] == "train" and "loss" in r]
+    val = [(r["step"], r["loss"]) for r in rows if r["split"] == "val" and "loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(out, buf.getvalue())
+
+
+@dataclass
+class FitResult:
+    step: int
+    val: dict[str, float] = field(default_factory=dict)
+    train_tokens_per_s: float = 0.0
+    run_dir: Path | None = None
+    checkpoint: Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs an Objective over a Batcher's batches. `run_config` (the resolved run config as a dict)
+    is stored in every checkpoint so that the model can be rebuilt from it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        batcher: Batcher,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        *,
+        run_config: dict[str, Any],
+        tokenizer: Any = None,
+        rank: int = 0,
+        world_size: int = 1,
+        wrap=None,
+    ):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        self.raw_model = unwrap(self.model)
+        self.objective = objective
+        self.batcher = batcher
+        self.run_dir = Path(run_dir)
+        self.run_config = run_config
+        self.tokenizer = tokenizer
+        self.rank = rank
+        self.world_size = world_size
+        self.is_main = rank == 0
+        self.optimizer = build_optimizer(self.raw_model, cfg, self.device)
+        # torch.compile / DDP are applied after the optimizer sees the plain parameters.
+        self.model = wrap(self.model) if wrap is not None else self.model
+        self.autocast = autocast_for(self.device, cfg.precision)
+
+    # -- validation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss and metrics over the validation batches (weighted by sequences per batch)."""
+        self.model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        total = 0
+        for batch in self.batcher.val_batches(self.cfg.eval_batches):
+            n = next(iter(batch.values())).shape[0]
+            batch = to_device(batch, self.device)
+            with self.autocast:
+                loss, metrics = self.objective.loss(self.model, batch)
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() * n
+            total += n
+        self.model.train()
+        if total == 0:
+            return {}
+        out = {k: (v / total).item() for k, v in sums.items()}
+        if getattr(self.objective, "reports_perplexity", False):
+            out["ppl"] = math.exp(min(out["loss"], 50.0))
+        return out
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        path = self.run_dir / "checkpoints" / f"step-{step}"
+        state = {"step": step, "seed": self.cfg.seed, "data_cursor": {"step": step, "micro": 0},
+                 "rng": "data and dropout are functions of (seed, step); nothing else to restore",
+                 "world_size": self.world_size}
+        save_checkpoint(path, model=self.raw_model, config=self.run_config, tokenizer=self.tokenizer,
+                        optimizer=self.optimizer, trainer_state=state)
+        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        return path
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, resume: str | Path | None = None) -> FitResult:
+        cfg = self.cfg
+        start = 0
+        if resume is not None:
+            ckpt = find_checkpoint(resume)
+            state = load_training_state(ckpt, self.raw_model, self.optimizer)
+            start = int(state["step"])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(self.run_dir, cfg.tensorboard and self.is_main, keep_until=start if resume else None) if self.is_main else None
+        result = FitResult(step=start, run_dir=self.run_dir)
+        bar = None
+        if cfg.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        tokens_per_step = self.batcher.tokens_per_batch * cfg.grad_accum * self.world_size
+        self.model.train()
+        window_start, window_steps, window_loss = time.perf_counter(), 0, None
+        try:
+            for step in range(start, cfg.max_steps):
+                if cfg.eval_every and step % cfg.eval_every == 0 and step > start:
+                    self._validate(step, log, bar, result)
+                lr = lr_at(step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                torch.manual_seed(step_seed(cfg.seed, step))
+                step_metrics = self._train_step(step)
+                window_loss = step_metrics if window_loss is None else {k: window_loss[k] + v for k, v in step_metrics.items()}
+                window_steps += 1
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.max_steps:
+                    values = {k: (v / window_steps).item() for k, v in window_loss.items()}  # one sync per log line
+                    elapsed = time.perf_counter() - window_start
+                    values.update(lr=lr, tokens_per_s=tokens_per_step * window_steps / max(elapsed, 1e-9))
+                    result.train_tokens_per_s = values["tokens_per_s"]
+                    if log is not None:
+                        log.write(done, "train", values)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}", refresh=False)
+                    window_start, window_steps, window_loss = time.perf_counter(), 0, None
+                if bar is not None:
+                    bar.update(1)
+                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps and self.is_main:
+                    result.checkpoint = self.save(done)
+                result.step = done
+            if start < cfg.max_steps or not result.val:
+                self._validate(cfg.max_steps, log, bar, result)
+            if self.is_main:
+                result.checkpoint = self.save(cfg.max_steps)
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+        if self.is_main:
+            plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        return result
+
+    def _train_step(self, step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step over grad_accum micro-batches; returns detached metric sums (no sync)."""
+        cfg = self.cfg
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            batch = to_device(self.batcher.train_batch(step, micro), self.device)
+            sync = micro == cfg.grad_accum - 1
+            ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else nullcontext()
+            with ctx:
+                with self.autocast:
+                    loss, metrics = self.objective.loss(self.model, batch)
+                (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip, foreach=True).detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums
+
+    def _validate(self, step: int, log: MetricsLog | None, bar, result: FitResult) -> None:
+        values = self.evaluate()
+        if not values:
+            return
+        result.val = values
+        result.history.append({"step": step, **values})
+        if log is not None:
+            log.write(step, "val", values)
+        if self.is_main:
+            text = "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+            msg = f"step {step}: val {text}"
+            if bar is not None:
+                bar.write(msg)
+            else:
+                print(msg, flush=True)
