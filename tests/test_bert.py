@@ -1,0 +1,135 @@
+"""BERT against Hugging Face `transformers` (the reference for faithfulness), plus the pre-LN variant."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import ConfigError
+from lmforge.models import build_model
+from lmforge.models.bert import Bert, BertConfig
+
+transformers = pytest.importorskip("transformers")
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CPU is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(vocab_size=97, max_position=24, type_vocab_size=2, n_layer=2, n_head=4, d_model=32, d_ff=64)
+
+
+def hf_pair(activation="gelu"):
+    """A random HF BertForPreTraining and our Bert holding the same weights (copied by name)."""
+    torch.manual_seed(0)
+    hf_cfg = transformers.BertConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=24, type_vocab_size=2, hidden_act=activation,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    hf = transformers.BertForPreTraining(hf_cfg).eval()
+    with torch.no_grad():  # non-trivial LayerNorms and biases so that a swapped name would show
+        for name, p in hf.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    ours = Bert(BertConfig(**TINY, activation=activation)).eval()
+    state = {k.removeprefix("bert."): v for k, v in hf.state_dict().items() if k != "cls.predictions.decoder.bias"}
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert not missing, missing
+    assert all("position_ids" in k or "token_type_ids" in k for k in unexpected), unexpected
+    return hf, ours
+
+
+def batch_with_padding():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 97, (3, 11), generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    ids[mask == 0] = 0
+    types = torch.zeros_like(ids)
+    types[:, 5:] = 1
+    return ids, mask, types
+
+
+def test_parity_with_transformers_pretraining_heads():
+    hf, ours = hf_pair()
+    ids, mask, types = batch_with_padding()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        out = ours(ids, attention_mask=mask, token_type_ids=types)
+        logits_all = ours.mlm_logits(out.last_hidden_state)
+    real = mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[real], ref.hidden_states[-1][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits_all[real], ref.prediction_logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.nsp_logits, ref.seq_relationship_logits, atol=1e-5, rtol=1e-5)
+    # The MLM head computed only at chosen positions (bool mask or flat indices) gives the same logits.
+    pick = torch.zeros_like(real)
+    pick[0, 3] = pick[1, 6] = pick[2, 1] = True
+    flat = pick.flatten().nonzero().squeeze(1)
+    torch.testing.assert_close(ours.mlm_logits(out.last_hidden_state, pick), ref.prediction_logits[pick], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(ids, mask, types, mlm_positions=flat).mlm_logits, ref.prediction_logits[pick], atol=1e-5, rtol=1e-5)
+
+
+def test_parity_with_bertmodel_attentions_and_pooler():
+    hf, ours = hf_pair()
+    model = transformers.BertModel(hf.config, add_pooling_layer=True).eval()
+    model.load_state_dict({k.removeprefix("bert."): v for k, v in hf.state_dict().items() if k.startswith("bert.")})
+    model.config._attn_implementation = "eager"  # attention probabilities need the explicit path
+    ids, mask, types = batch_with_padding()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types, output_attentions=True)
+        out = ours(ids, attention_mask=mask, token_type_ids=types, output_attentions=True)
+    torch.testing.assert_close(out.pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
+    assert len(out.attentions) == 2
+    for a, b in zip(out.attentions, ref.attentions):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)))
+    assert (out.attentions[0][1, :, :, 7:] == 0).all()  # padding keys get no weight
+
+
+def test_tied_decoder_and_param_count():
+    model = Bert(BertConfig(**TINY))
+    assert model.cls.predictions.decoder.weight is model.embeddings.word_embeddings.weight
+    n = sum(p.numel() for p in model.parameters())
+    assert model.num_params() == n
+    assert model.num_params(non_embedding=True) < n
+    assert "BERT (post-LN)" in model.describe() and "2 layers" in model.describe()
+
+
+def test_pre_ln_trains_on_a_tiny_batch():
+    torch.manual_seed(0)
+    model = build_model("bert", dict(TINY, pre_ln=True, dropout=0.0, attn_dropout=0.0))
+    assert model.encoder.LayerNorm is not None
+    ids = torch.randint(5, 97, (4, 12))
+    positions = torch.rand(4, 12) < 0.3
+    positions[:, 0] = True
+    targets = ids[positions]
+    inputs = ids.masked_fill(positions, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        out = model(inputs, mlm_positions=positions.flatten().nonzero().squeeze(1))
+        loss = F.cross_entropy(out.mlm_logits, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0]
+
+
+def test_bad_configs_name_the_field():
+    with pytest.raises(ConfigError, match="n_head"):
+        BertConfig(d_model=30, n_head=4)
+    with pytest.raises(ConfigError, match="model.n_layer"):
+        BertConfig(n_layer=0)
+    with pytest.raises(ConfigError, match="dropout"):
+        BertConfig(dropout=1.5)
+    with pytest.raises(ConfigError, match="activation"):
+        build_model("bert", {"activation": "swish"})
+    with pytest.raises(ConfigError, match="max_position"):
+        Bert(BertConfig(**TINY))(torch.zeros(1, 30, dtype=torch.long))
