@@ -163,17 +163,18 @@ def _is_control(ch: str) -> bool:
 def clean_text(text: str, *, nfkc: bool = True) -> str:
     """Normalise one document.
 
-    Line endings become "\\n"; with `nfkc`, Unicode NFKC (full-width letters, digits and punctuation
-    become ASCII, e.g. "，" → ","; ligatures split); control characters other than "\\n" and "\\t"
-    are removed; every run of other whitespace (spaces, tabs, U+3000, ...) becomes one space;
-    trailing spaces on each line are stripped; runs of more than one blank line become one blank line;
-    leading and trailing blank lines are removed. Newlines inside the document are kept.
+    Line endings become "\\n"; control characters other than "\\n" and "\\t" are removed; with
+    `nfkc`, Unicode NFKC (full-width letters, digits and punctuation become ASCII, e.g. "，" → ",";
+    ligatures split; "e" + combining accent becomes "é"); every run of other whitespace (spaces,
+    tabs, U+3000, ...) becomes one space; trailing spaces on each line are stripped; runs of more
+    than one blank line become one blank line; leading and trailing blank lines are removed.
+    Newlines inside the document are kept.
     """
     text = _NEWLINES.sub("\n", text)
+    if any(_is_control(ch) for ch in set(text)):  # before NFKC, which may join what they separated
+        text = "".join(ch for ch in text if not _is_control(ch))
     if nfkc:
         text = unicodedata.normalize("NFKC", text)
-    if any(_is_control(ch) for ch in set(text)):
-        text = "".join(ch for ch in text if not _is_control(ch))
     text = _HSPACE.sub(" ", text)
     text = "\n".join(line.rstrip(" ") for line in text.split("\n"))
     return _MANY_BLANK.sub("\n\n", text).strip("\n")
