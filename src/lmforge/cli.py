@@ -19,6 +19,8 @@ VERBS: dict[str, str] = {
     "prepare": "lmforge.data.prepare:prepare",
     "pretrain": "lmforge.recipes.pretrain:pretrain",
     "generate": "lmforge.recipes.generate:generate",
+    "import": "lmforge.recipes.hub:import_",
+    "export": "lmforge.recipes.hub:export",
 }
 
 

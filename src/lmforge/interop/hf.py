@@ -1,0 +1,392 @@
+"""Hugging Face `transformers` directories in and out: BERT family (BERT, MiniLM, ...) and GPT-2.
+
+This is the one place where foreign names appear. Nothing here imports `transformers`: a directory
+is `config.json` + `model.safetensors` (or sharded safetensors, or `pytorch_model.bin` read with
+`weights_only=True`) + tokenizer files, read and written directly.
+
+    load_hf(dir)                     -> (model, tokenizer, run config)   HF directory -> lmforge
+    export_hf(model, tokenizer, out) -> out                              lmforge -> HF directory
+    load(path)                       an HF directory, a named source (minilm-l6) or an lmforge
+                                     run/checkpoint directory, all as (model, tokenizer, config)
+
+The run config that `load_hf` returns is what `save_checkpoint` writes: `arch`, `model` and an
+`interop` section saying where the weights came from and which heads were not in them (and so are
+randomly initialised). `export_hf` writes the transformers class that holds what was trained:
+BertModel, BertForMaskedLM or BertForPreTraining; GPT2LMHeadModel.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.config import to_dict
+from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.storage import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors, torch_load
+
+BERT_ARCHS = ("BertModel", "BertForMaskedLM", "BertForPreTraining")
+GPT2_ARCHS = ("GPT2LMHeadModel", "GPT2Model")
+SUPPORTED = f"supported: model_type 'bert' ({', '.join(BERT_ARCHS)}) and 'gpt2' ({', '.join(GPT2_ARCHS)})"
+
+# activation names: transformers -> ours (several transformers names are the same function)
+_ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_ACT_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+# buffers that transformers keeps in some checkpoints; they carry no learned values
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids", ".attn.bias", ".attn.masked_bias")
+# GPT-2's Conv1D layers store (in, out) matrices; our nn.Linear stores (out, in)
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# BERT's optional parts: name prefix -> what it is (for the "randomly initialised" report)
+_BERT_HEADS = {"pooler.": "pooler", "cls.predictions.": "MLM head", "cls.seq_relationship.": "NSP head"}
+
+
+# ---- reading a directory ------------------------------------------------------------------------------
+def is_hf_dir(path: str | Path) -> bool:
+    """A transformers directory: config.json, and not an lmforge checkpoint (config.yaml)."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / "config.yaml").is_file()
+
+
+def read_hf_config(directory: str | Path) -> dict[str, Any]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: no such directory")
+    if not (d / "config.json").is_file():
+        raise CheckpointError(f"{d}: not a transformers directory (no config.json)")
+    try:
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{d / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{d / 'config.json'}: expected a JSON object")
+    return cfg
+
+
+def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, as stored (safetensors preferred; pickle only with weights_only)."""
+    d = Path(directory)
+    if (d / "model.safetensors").is_file():
+        return load_tensors(d / "model.safetensors")
+    if (d / "model.safetensors.index.json").is_file():
+        index = read_json(d / "model.safetensors.index.json")
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            state.update(load_tensors(d / shard))
+        return state
+    if (d / "pytorch_model.bin").is_file():
+        try:
+            state = torch_load(d / "pytorch_model.bin")
+        except Exception as e:  # weights_only refuses anything but tensors and plain containers
+            raise CheckpointError(f"{d / 'pytorch_model.bin'}: not a plain tensor file ({str(e).splitlines()[0]})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{d / 'pytorch_model.bin'}: expected a mapping of names to tensors")
+        return state
+    raise CheckpointError(f"{d}: no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+
+
+def hf_arch(hf: dict[str, Any], where: str) -> tuple[str, str | None]:
+    """(lmforge arch, transformers architecture or None when config.json does not say)."""
+    model_type = hf.get("model_type")
+    archs = hf.get("architectures") or []
+    known = {"bert": BERT_ARCHS, "gpt2": GPT2_ARCHS}
+    if model_type not in known:
+        named = f"model_type {model_type!r}" + (f" ({', '.join(archs)})" if archs else "")
+        raise CheckpointError(f"{where}: {named} is not supported; {SUPPORTED}")
+    if len(archs) > 1 or (archs and archs[0] not in known[model_type]):
+        raise CheckpointError(f"{where}: architecture {', '.join(archs)} is not supported; {SUPPORTED}")
+    return ("bert" if model_type == "bert" else "gpt"), (archs[0] if archs else None)
+
+
+# ---- configs ------------------------------------------------------------------------------------------
+def _activation(name: Any, where: str) -> str:
+    if name not in _ACT_IN:
+        raise CheckpointError(f"{where}: activation {name!r} is not supported (supported: {', '.join(_ACT_IN)})")
+    return _ACT_IN[name]
+
+
+def _require(hf: dict[str, Any], key: str, expected: Any, where: str, default: Any) -> None:
+    value = hf.get(key, default)
+    if value != expected:
+        raise CheckpointError(f"{where}: {key}={value!r} cannot be represented in lmforge (needs {expected!r})")
+
+
+def bert_config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    _require(hf, "position_embedding_type", "absolute", where, "absolute")
+    _require(hf, "is_decoder", False, where, False)
+    _require(hf, "add_cross_attention", False, where, False)
+    if hf.get("embedding_size", hf.get("hidden_size")) != hf.get("hidden_size"):
+        raise CheckpointError(f"{where}: embedding_size {hf['embedding_size']} != hidden_size (factorised embeddings are not supported)")
+    return dict(
+        vocab_size=hf["vocab_size"], max_position=hf.get("max_position_embeddings", 512),
+        type_vocab_size=hf.get("type_vocab_size", 2), n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"], d_model=hf["hidden_size"], d_ff=hf["intermediate_size"],
+        dropout=hf.get("hidden_dropout_prob", 0.1), attn_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12), activation=_activation(hf.get("hidden_act", "gelu"), where),
+        pad_token_id=hf.get("pad_token_id") or 0, pre_ln=False, init_std=hf.get("initializer_range", 0.02))
+
+
+def gpt_config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    _require(hf, "scale_attn_weights", True, where, True)
+    _require(hf, "scale_attn_by_inverse_layer_idx", False, where, False)
+    _require(hf, "add_cross_attention", False, where, False)
+    return dict(
+        vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
+        n_head=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner"), dropout=hf.get("resid_pdrop", 0.1),
+        bias=True, activation=_activation(hf.get("activation_function", "gelu_new"), where), position="learned",
+        tie_embeddings=hf.get("tie_word_embeddings", True), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        init_std=hf.get("initializer_range", 0.02))
+
+
+def bert_config_to_hf(cfg: Any, architecture: str) -> dict[str, Any]:
+    if cfg.pre_ln:
+        raise CheckpointError("a pre-LN BERT (model.pre_ln=true) has no transformers equivalent; only post-LN BERT exports")
+    return {"architectures": [architecture], "model_type": "bert", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "intermediate_size": cfg.d_ff, "hidden_act": _ACT_OUT[cfg.activation],
+            "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.attn_dropout,
+            "max_position_embeddings": cfg.max_position, "type_vocab_size": cfg.type_vocab_size,
+            "initializer_range": cfg.init_std, "layer_norm_eps": cfg.layer_norm_eps, "pad_token_id": cfg.pad_token_id,
+            "position_embedding_type": "absolute", "classifier_dropout": None, "is_decoder": False,
+            "tie_word_embeddings": True, "use_cache": True, "dtype": "float32"}
+
+
+def gpt_config_to_hf(cfg: Any, eos_id: int | None) -> dict[str, Any]:
+    if cfg.position != "learned":
+        raise CheckpointError(f"a GPT with position={cfg.position!r} has no GPT-2 equivalent (GPT-2 learns absolute positions)")
+    eos = eos_id if eos_id is not None else cfg.vocab_size - 1
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+            "n_inner": cfg.d_ff, "activation_function": _ACT_OUT[cfg.activation], "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout, "layer_norm_epsilon": cfg.layer_norm_eps,
+            "initializer_range": cfg.init_std, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False, "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
+            "bos_token_id": eos, "eos_token_id": eos, "dtype": "float32"}
+
+
+# ---- weights: transformers names <-> ours ---------------------------------------------------------------
+def _is_buffer(key: str) -> bool:
+    return any(key.endswith(b) for b in _BUFFERS)
+
+
+def bert_state_from_hf(hf_state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for key, t in hf_state.items():
+        key = key.removeprefix("bert.")
+        if _is_buffer(key):
+            continue
+        if "LayerNorm." in key:  # checkpoints converted from TensorFlow name LayerNorm gamma/beta
+            key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        state[key] = t
+    decoder_bias = state.pop("cls.predictions.decoder.bias", None)
+    if "cls.predictions.bias" not in state and decoder_bias is not None:
+        state["cls.predictions.bias"] = decoder_bias
+    decoder = state.pop("cls.predictions.decoder.weight", None)
+    words = state.get("embeddings.word_embeddings.weight")
+    if decoder is not None and words is not None and not torch.equal(decoder, words):
+        raise CheckpointError(f"{where}: the MLM decoder is not tied to the word embeddings (lmforge's BERT always ties them)")
+    return state
+
+
+def gpt_state_from_hf(hf_state: dict[str, torch.Tensor], tied: bool, where: str) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for key, t in hf_state.items():
+        if _is_buffer(key):
+            continue
+        if key != "lm_head.weight":
+            key = "transformer." + key.removeprefix("transformer.")
+            if key.endswith(_CONV1D) and t.dim() == 2:
+                t = t.t()
+        state[key] = t
+    if tied:
+        head = state.pop("lm_head.weight", None)
+        words = state.get("transformer.wte.weight")
+        if head is not None and words is not None and not torch.equal(head, words):
+            raise CheckpointError(f"{where}: lm_head differs from the token embeddings but config.json says they are tied")
+    return state
+
+
+def bert_state_to_hf(model: nn.Module, architecture: str) -> dict[str, torch.Tensor]:
+    """State dict with transformers' names for `architecture` (tied decoder left out, as transformers saves)."""
+    out = {}
+    for key, t in model.state_dict().items():
+        if key == "cls.predictions.decoder.weight":
+            continue
+        head = next((p for p in _BERT_HEADS if key.startswith(p)), None)
+        keep = {"BertModel": ("pooler.",), "BertForMaskedLM": ("cls.predictions.",),
+                "BertForPreTraining": tuple(_BERT_HEADS)}[architecture]
+        if head is not None and head not in keep:
+            continue
+        prefix = "bert." if architecture != "BertModel" and not key.startswith("cls.") else ""
+        out[prefix + key] = t
+    return out
+
+
+def gpt_state_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    out = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if key.endswith(_CONV1D):
+            t = t.t().contiguous()
+        out[key] = t
+    if not cfg.bias:  # GPT-2 always has biases: zeros are exactly "no bias"
+        for key, t in list(out.items()):
+            if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                out[key[: -len("weight")] + "bias"] = torch.zeros_like(t)
+            elif key.endswith(_CONV1D):
+                out[key[: -len("weight")] + "bias"] = torch.zeros(t.shape[1], dtype=t.dtype)
+    return out
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], optional: tuple[str, ...], where: str) -> list[str]:
+    """Copy `state` into `model`; keys starting with an `optional` prefix may be absent (they keep their
+    random init). Anything else missing, any unexpected key, any shape mismatch is a CheckpointError.
+    Returns the missing optional keys."""
+    own = model.state_dict()
+    tied = {"cls.predictions.decoder.weight"} if "cls.predictions.decoder.weight" in own else set()
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
+        tied.add("lm_head.weight")
+    missing = [k for k in own if k not in state and k not in tied]
+    required = [k for k in missing if not k.startswith(optional)]
+    unexpected = [k for k in state if k not in own]
+    if required or unexpected:
+        parts = ([f"missing {len(required)} ({', '.join(required[:3])}{', ...' if len(required) > 3 else ''})"] if required else []) + \
+                ([f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"] if unexpected else [])
+        raise CheckpointError(f"{where}: weights do not match config.json: {'; '.join(parts)}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{where}: weight '{k}' has shape {tuple(v.shape)}, config.json implies {tuple(own[k].shape)}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
+    return missing
+
+
+# ---- import -------------------------------------------------------------------------------------------------
+def load_hf(directory: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load a local transformers directory (BERT family or GPT-2) as an lmforge model.
+
+    Args:
+        directory: holds config.json, the weights and the tokenizer files.
+        device: where to put the model.
+
+    Returns:
+        (model in eval mode, Tokenizer, run config with `arch`, `model` and `interop` sections).
+    """
+    from lmforge.interop.hf_tokenizer import has_tokenizer, load_hf_tokenizer
+    from lmforge.models import build_model
+
+    d = Path(directory)
+    hf = read_hf_config(d)
+    where = str(d)
+    arch, architecture = hf_arch(hf, where)
+    try:
+        values = bert_config_from_hf(hf, where) if arch == "bert" else gpt_config_from_hf(hf, where)
+    except KeyError as e:
+        raise CheckpointError(f"{where}: config.json lacks {e.args[0]!r}") from None
+    if not has_tokenizer(d):
+        raise CheckpointError(f"{where}: no tokenizer files (tokenizer.json, vocab.txt, or vocab.json + merges.txt)")
+    try:
+        model = build_model(arch, values)
+    except LmforgeError as e:
+        raise CheckpointError(f"{where}: config.json is not a valid {arch} model ({e})") from None
+    hf_state = read_hf_weights(d)
+    if arch == "bert":
+        state = bert_state_from_hf(hf_state, where)
+        missing = _load_strict(model, state, tuple(_BERT_HEADS), where)
+        random_init = sorted({name for p, name in _BERT_HEADS.items() if any(k.startswith(p) for k in missing)})
+        architecture = architecture or _bert_architecture_of(state)
+    else:
+        state = gpt_state_from_hf(hf_state, model.config.tie_embeddings, where)
+        missing = _load_strict(model, state, (), where)
+        random_init = []
+        architecture = architecture or ("GPT2LMHeadModel" if "lm_head.weight" in hf_state or any(
+            k.startswith("transformer.") for k in hf_state) else "GPT2Model")
+    tokenizer = load_hf_tokenizer(d)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model.config.vocab_size} embeddings")
+    interop = {"source": str(d.resolve()), "hf_architecture": architecture, "random_init": random_init}
+    st = d / "sentence_bert_config.json"
+    if st.is_file():  # sentence-transformers' own truncation length
+        interop["max_seq_length"] = int(read_json(st).get("max_seq_length", values.get("max_position", 512)))
+    config = {"name": d.name, "arch": arch, "model": to_dict(model.config), "interop": interop}
+    return model.to(device).eval(), tokenizer, config
+
+
+def _bert_architecture_of(state: dict[str, torch.Tensor]) -> str:
+    if any(k.startswith("cls.seq_relationship.") for k in state):
+        return "BertForPreTraining"
+    return "BertForMaskedLM" if any(k.startswith("cls.predictions.") for k in state) else "BertModel"
+
+
+# ---- export -------------------------------------------------------------------------------------------------
+def default_architecture(arch: str, run_config: dict[str, Any] | None) -> str:
+    """The transformers class that holds what this model actually learned."""
+    if arch == "gpt":
+        return "GPT2LMHeadModel"
+    cfg = run_config or {}
+    imported = (cfg.get("interop") or {}).get("hf_architecture")
+    if imported in BERT_ARCHS:
+        return imported
+    return {"mlm": "BertForMaskedLM", "mlm+nsp": "BertForPreTraining", "simcse": "BertModel"}.get(
+        cfg.get("objective"), "BertForPreTraining")
+
+
+def export_hf(model: nn.Module, tokenizer: Any, out: str | Path, *, architecture: str | None = None,
+              run_config: dict[str, Any] | None = None) -> Path:
+    """Write `model` and `tokenizer` as a transformers directory (atomically).
+
+    Args:
+        model: an lmforge GPT (-> GPT2LMHeadModel) or post-LN Bert.
+        tokenizer: its lmforge Tokenizer.
+        out: the directory to write (replaced if it exists).
+        architecture: BertModel, BertForMaskedLM or BertForPreTraining for a BERT; default: the one
+            that holds what was trained (see `default_architecture`).
+        run_config: the model's run config (to pick the default architecture).
+    """
+    from lmforge.interop.hf_tokenizer import save_hf_tokenizer
+    from lmforge.models import arch_of
+    from lmforge.train.checkpoint import unwrap
+
+    model = unwrap(model)
+    arch = arch_of(model)
+    architecture = architecture or default_architecture(arch, run_config)
+    if arch == "bert":
+        if architecture not in BERT_ARCHS:
+            raise CheckpointError(f"architecture {architecture!r} is not a BERT class; choose one of {', '.join(BERT_ARCHS)}")
+        hf_cfg, state = bert_config_to_hf(model.config, architecture), bert_state_to_hf(model, architecture)
+    elif arch == "gpt":
+        if architecture != "GPT2LMHeadModel":
+            raise CheckpointError(f"architecture {architecture!r}: a GPT exports as GPT2LMHeadModel")
+        hf_cfg, state = gpt_config_to_hf(model.config, tokenizer.eos_id), gpt_state_to_hf(model)
+    else:
+        raise CheckpointError(f"a {arch} model has no transformers equivalent; {SUPPORTED}")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    max_len = model.config.max_position if arch == "bert" else model.config.block_size
+    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / "config.json", hf_cfg)
+        save_tensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_hf_tokenizer(tokenizer, tmp, model_max_length=max_len)
+    return Path(out)
+
+
+# ---- one loader for everything ------------------------------------------------------------------------------
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizer, run config) from a transformers directory, a named source
+    (`minilm-l6`), or an lmforge run or checkpoint directory."""
+    from lmforge.interop.minilm import SOURCES
+
+    if str(path) in SOURCES:
+        return load_hf(SOURCES[str(path)](), device)
+    p = Path(path)
+    if is_hf_dir(p):
+        return load_hf(p, device)
+    from lmforge.train.checkpoint import load_pretrained
+
+    return load_pretrained(p, device)
