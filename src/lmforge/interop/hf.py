@@ -290,7 +290,9 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu") -> tuple[
     if not has_tokenizer(d):
         raise CheckpointError(f"{where}: no tokenizer files (tokenizer.json, vocab.txt, or vocab.json + merges.txt)")
     try:
-        model = build_model(arch, values)
+        with torch.random.fork_rng(devices=[]):  # heads absent from the checkpoint: the same init every time
+            torch.manual_seed(0)
+            model = build_model(arch, values)
     except LmforgeError as e:
         raise CheckpointError(f"{where}: config.json is not a valid {arch} model ({e})") from None
     hf_state = read_hf_weights(d)
