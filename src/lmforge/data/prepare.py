@@ -226,13 +226,22 @@ def prepare(inputs: list[str], out: str, tokenizer: str, val_fraction: float = 0
                 yield "val", doc[cut - seen:], True
             seen += len(doc)
 
+    # A char tokenizer maps each character on its own, so a long text can be cut anywhere and its
+    # slices encoded in parallel (one big document, as with --doc_sep file, would use one core).
+    slice_chars = 1 << 16 if tok.kind == "char" and not tok.special_ids else 0
+
+    def parts(text: str) -> list[str]:
+        if sentences:
+            return split_sentences(text)
+        if slice_chars and len(text) > slice_chars:
+            return [text[i:i + slice_chars] for i in range(0, len(text), slice_chars)]
+        return [text]
+
     def encode(chunk: list[tuple[str, str, bool]]) -> list[list[list[int]]]:
-        """Token ids of each piece, as a list of sentences (one entry when not splitting sentences)."""
-        if not sentences:
-            return [[ids] for ids in tok.encode_batch([text for _, text, _ in chunk])]
-        sents = [split_sentences(text) for _, text, _ in chunk]
-        flat = iter(tok.encode_batch([s for ss in sents for s in ss]))
-        return [[next(flat) for _ in ss] for ss in sents]
+        """Token ids of each piece, as a list of its parts' ids (sentences with --sentences)."""
+        groups = [parts(text) for _, text, _ in chunk]
+        flat = iter(tok.encode_batch([p for g in groups for p in g]))
+        return [[next(flat) for _ in g] for g in groups]
 
     def chunks() -> Iterator[list[tuple[str, str, bool]]]:
         chunk, size = [], 0
