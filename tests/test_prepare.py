@@ -284,3 +284,23 @@ def test_reprepare_replaces_and_reader_errors(corpus, tmp_path):
         open_prepared(d)
     with pytest.raises(DataError, match=r"nowhere: no such directory"):
         TokenShards(tmp_path / "nowhere")
+
+
+def test_encodes_in_parallel_batches(corpus, tmp_path, monkeypatch):
+    """Documents go to the Rust encode_batch many at a time, with TOKENIZERS_PARALLELISM on even
+    when something turned it off; the setting is restored afterwards."""
+    import os
+
+    d, docs, _ = corpus
+    calls = []
+    original = Tokenizer.encode_batch
+
+    def spy(self, texts, add_special_tokens=False):
+        calls.append((len(texts), os.environ.get("TOKENIZERS_PARALLELISM")))
+        return original(self, texts, add_special_tokens)
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", spy)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    prepare([str(d / "corpus.txt")], str(tmp_path / "out"), str(d / "bpe.json"))
+    assert calls == [(len(docs), "true")]  # the whole small corpus in one batch
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"

@@ -112,6 +112,64 @@ class _SplitWriter:
         return info
 
 
+# ---- reading in pieces ------------------------------------------------------------------------------------
+def _documents(files: list[Path], **reader) -> Iterator[str]:
+    for _, doc in read_documents(files, **reader):
+        if doc.strip():  # empty documents are skipped (in both passes alike)
+            yield doc
+
+
+def _pieces(docs: Iterator[str], is_val: np.ndarray | None, cut: int | None) -> Iterator[tuple[str, str, bool]]:
+    """(split, text, ends a document). Document split: whole documents, to val where `is_val`.
+    Tail split: documents before character `cut` of their concatenation go to train, the rest to
+    val; the document holding the cut comes in two pieces."""
+    seen = 0
+    for i, doc in enumerate(docs):
+        if is_val is not None:
+            yield ("val" if is_val[i] else "train"), doc, True
+        elif seen + len(doc) <= cut:
+            yield "train", doc, True
+        elif seen >= cut:
+            yield "val", doc, True
+        else:
+            yield "train", doc[:cut - seen], False
+            yield "val", doc[cut - seen:], True
+        seen += len(doc)
+
+
+def _chunks(pieces: Iterator[tuple[str, str, bool]], chars: int = CHUNK_CHARS) -> Iterator[list]:
+    chunk, size = [], 0
+    for piece in pieces:
+        chunk.append(piece)
+        size += len(piece[1])
+        if size >= chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encoder(tok: Tokenizer, sentences: bool):
+    """A function from a chunk of pieces to each piece's token ids, as a list of its parts' ids:
+    its sentences with `sentences`, else the whole text (in slices for a char tokenizer, which maps
+    each character on its own, so one big document, as with --doc_sep file, still uses every core)."""
+    slice_chars = 1 << 16 if tok.kind == "char" and not tok.special_ids else 0
+
+    def parts(text: str) -> list[str]:
+        if sentences:
+            return split_sentences(text)
+        if slice_chars and len(text) > slice_chars:
+            return [text[i:i + slice_chars] for i in range(0, len(text), slice_chars)]
+        return [text]
+
+    def encode(chunk: list[tuple[str, str, bool]]) -> list[list[list[int]]]:
+        groups = [parts(text) for _, text, _ in chunk]
+        flat = iter(tok.encode_batch([p for g in groups for p in g]))
+        return [[next(flat) for _ in g] for g in groups]
+
+    return encode
+
+
 # ---- the verb -------------------------------------------------------------------------------------------
 def _check_out(out: Path) -> None:
     if out.is_file():
@@ -181,24 +239,23 @@ def prepare(inputs: list[str], out: str, tokenizer: str, val_fraction: float = 0
         raise ConfigError(f"append_eos: tokenizer {tokenizer} has no end-of-text or [SEP] token")
     files = find_files(inputs)
 
-    def documents() -> Iterator[str]:
-        for _, doc in read_documents(files, doc_sep=doc_sep, jsonl_field=jsonl_field, errors=errors):
-            if doc.strip():  # empty documents are skipped in both passes alike
-                yield doc
+    reader = {"doc_sep": doc_sep, "jsonl_field": jsonl_field, "errors": errors}
+    where = ", ".join(map(str, inputs))
 
     start = time.perf_counter()
     n_docs = n_chars = n_bytes = 0
-    for doc in documents():  # pass 1: count
+    for doc in _documents(files, **reader):  # pass 1: count
         n_docs += 1
         n_chars += len(doc)
         n_bytes += len(doc.encode("utf-8"))
     if n_docs == 0:
-        raise DataError(f"{', '.join(map(str, inputs))}: no documents (the corpus is empty)")
+        raise DataError(f"{where}: no documents (the corpus is empty)")
 
     split_info: dict = {"mode": split, "val_fraction": val_fraction}
+    is_val = cut = None
     if split == "document":
         if n_docs < 2:
-            raise DataError(f"{', '.join(map(str, inputs))}: only one document, cannot hold whole documents "
+            raise DataError(f"{where}: only one document, cannot hold whole documents "
                             f"out for validation; use --split tail (or --doc_sep line)")
         n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
         is_val = np.zeros(n_docs, dtype=bool)
@@ -206,53 +263,9 @@ def prepare(inputs: list[str], out: str, tokenizer: str, val_fraction: float = 0
         split_info["seed"] = seed
     else:
         if n_chars < 2:
-            raise DataError(f"{', '.join(map(str, inputs))}: too little text to split ({n_chars} character)")
+            raise DataError(f"{where}: too little text to split ({n_chars} character)")
         cut = min(max(int(n_chars * (1 - val_fraction)), 1), n_chars - 1)
         split_info.update(chars=n_chars, cut_char=cut)
-
-    def pieces() -> Iterator[tuple[str, str, bool]]:
-        """(split, text, ends a document): whole documents, or in tail mode the document holding
-        the cut character in two pieces."""
-        seen = 0
-        for i, doc in enumerate(documents()):
-            if split == "document":
-                yield ("val" if is_val[i] else "train"), doc, True
-            elif seen + len(doc) <= cut:
-                yield "train", doc, True
-            elif seen >= cut:
-                yield "val", doc, True
-            else:
-                yield "train", doc[: cut - seen], False
-                yield "val", doc[cut - seen:], True
-            seen += len(doc)
-
-    # A char tokenizer maps each character on its own, so a long text can be cut anywhere and its
-    # slices encoded in parallel (one big document, as with --doc_sep file, would use one core).
-    slice_chars = 1 << 16 if tok.kind == "char" and not tok.special_ids else 0
-
-    def parts(text: str) -> list[str]:
-        if sentences:
-            return split_sentences(text)
-        if slice_chars and len(text) > slice_chars:
-            return [text[i:i + slice_chars] for i in range(0, len(text), slice_chars)]
-        return [text]
-
-    def encode(chunk: list[tuple[str, str, bool]]) -> list[list[list[int]]]:
-        """Token ids of each piece, as a list of its parts' ids (sentences with --sentences)."""
-        groups = [parts(text) for _, text, _ in chunk]
-        flat = iter(tok.encode_batch([p for g in groups for p in g]))
-        return [[next(flat) for _ in g] for g in groups]
-
-    def chunks() -> Iterator[list[tuple[str, str, bool]]]:
-        chunk, size = [], 0
-        for piece in pieces():
-            chunk.append(piece)
-            size += len(piece[1])
-            if size >= CHUNK_CHARS:
-                yield chunk
-                chunk, size = [], 0
-        if chunk:
-            yield chunk
 
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
     tail = [eos] if append_eos else []
@@ -270,8 +283,9 @@ def prepare(inputs: list[str], out: str, tokenizer: str, val_fraction: float = 0
                 w.flush()
             bar.update(sum(len(text.encode("utf-8")) for _, text, _ in chunk))
 
+        encode = _encoder(tok, sentences)
         pending = None  # encode chunk k in the background while chunk k+1 is read
-        for chunk in chunks():
+        for chunk in _chunks(_pieces(_documents(files, **reader), is_val, cut)):
             future = pool.submit(encode, chunk)
             if pending is not None:
                 write(pending[0], pending[1].result())
@@ -291,7 +305,7 @@ def prepare(inputs: list[str], out: str, tokenizer: str, val_fraction: float = 0
             "append_eos": append_eos,
             "eos_id": eos if append_eos else None,
             "sentences": sentences,
-            "reader": {"doc_sep": doc_sep, "jsonl_field": jsonl_field, "errors": errors},
+            "reader": reader,
             "source": [str(p) for p in inputs],
             "text_bytes": n_bytes,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

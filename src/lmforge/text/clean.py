@@ -14,7 +14,7 @@ import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Literal, Optional
+from typing import IO, Iterable, Iterator, Literal
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.storage import atomic_write_bytes, atomic_write_json
