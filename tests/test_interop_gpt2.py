@@ -182,6 +182,15 @@ def test_export_loads_cleanly_and_matches(bpe, tmp_path, variant):
     assert tok.to_str() == bpe.to_str()
 
 
+def test_export_char_tokenizer(tmp_path):
+    """A char tokenizer has no GPT-2 class: it goes out as the generic fast tokenizer, same ids."""
+    tok = train_tokenizer(["hello world\nfoo bar!"], kind="char")
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, d_model=16))
+    out = export_hf(model, tok, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] is None
+    assert transformers.AutoTokenizer.from_pretrained(out)("hello\nbar")["input_ids"] == tok.encode("hello\nbar")
+
+
 def test_export_rope_is_refused(bpe, tmp_path):
     model = GPT(GPTConfig(vocab_size=320, block_size=40, n_layer=1, n_head=2, d_model=16, position="rope"))
     with pytest.raises(CheckpointError, match="position='rope' has no GPT-2 equivalent"):

@@ -141,6 +141,9 @@ def test_one_command_import_and_export(loaded, tmp_path, capsys):
     ref, info = transformers.AutoModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert type(ref).__name__ == "BertModel"
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS:
+        assert hf_tok(text)["input_ids"] == tok.encode(text, add_special_tokens=True), text
     ids = torch.tensor([tok.encode(TEXTS[1], add_special_tokens=True)])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).last_hidden_state, ref.eval()(input_ids=ids).last_hidden_state,

@@ -155,7 +155,7 @@ def bert_config_to_hf(cfg: Any, architecture: str) -> dict[str, Any]:
 def gpt_config_to_hf(cfg: Any, eos_id: int | None) -> dict[str, Any]:
     if cfg.position != "learned":
         raise CheckpointError(f"a GPT with position={cfg.position!r} has no GPT-2 equivalent (GPT-2 learns absolute positions)")
-    eos = eos_id if eos_id is not None else cfg.vocab_size - 1
+    eos = eos_id  # None for a tokenizer without an end-of-text token (char)
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
             "n_positions": cfg.block_size, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "n_inner": cfg.d_ff, "activation_function": _ACT_OUT[cfg.activation], "resid_pdrop": cfg.dropout,
