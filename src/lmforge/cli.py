@@ -67,6 +67,105 @@ def _expand_presets(args: list[str]) -> list[str]:
     return out
 
 
+def _param_types(func) -> dict[str, object]:
+    """Flag name -> annotation for a verb's parameters, with dataclass fields as `section.field`."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(func)
+    out: dict[str, object] = {}
+    for name, tp in hints.items():
+        if name == "return":
+            continue
+        out[name] = tp
+        for arg in (typing.get_args(tp) or (tp,)):
+            if dataclasses.is_dataclass(arg):
+                for fname, ftp in typing.get_type_hints(arg).items():
+                    out[f"{name}.{fname}"] = ftp
+    return out
+
+
+def _is_list(tp) -> bool:
+    import typing
+
+    return typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
+
+
+def _is_bool(tp) -> bool:
+    import typing
+
+    return tp is bool or (bool in typing.get_args(tp) and not _is_list(tp))
+
+
+def _normalise_args(func, args: list[str]) -> list[str]:
+    """Make the shell-friendly forms work: `verb a.txt b.txt` (a list positional), `--prompt x
+    --prompt y` (repeated list flags), and a bare boolean flag `--compile` (= `--compile true`)."""
+    import inspect
+    import json
+
+    types = _param_types(func)
+    params = list(inspect.signature(func).parameters.values())
+    first = params[0] if params else None
+    list_positional = (first is not None and first.default is inspect.Parameter.empty and _is_list(types.get(first.name)))
+    positionals: list[str] = []
+    flags: list[tuple[str, str | None]] = []
+    repeated: dict[str, list[str]] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--") and len(a) > 2:
+            name, eq, value = a[2:].partition("=")
+            tp = types.get(name)
+            if eq:
+                i += 1
+            elif i + 1 < len(args) and not (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
+                value = args[i + 1]
+                i += 2
+            else:
+                value = "true" if tp is not None and _is_bool(tp) else None
+                i += 1
+            if tp is not None and _is_list(tp) and value is not None and not value.lstrip().startswith("["):
+                if name not in repeated:
+                    repeated[name] = []
+                    flags.append((name, None))
+                repeated[name].append(value)
+            else:
+                flags.append((name, value))
+        elif a.startswith("-") and len(a) > 1 and not a[1:2].isdigit():
+            flags.append((a, "\0"))  # -h and other short options: pass through
+            i += 1
+        else:
+            positionals.append(a)
+            i += 1
+    # Required parameters are positional for jsonargparse; accept them as flags too (`--out DIR`).
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    given = {name: value for name, value in flags if name in required and value != "\0"}
+    flags = [(n, v) for n, v in flags if n not in given]
+    for name in list(repeated):
+        if name in required:
+            given[name] = json.dumps(repeated.pop(name))
+    out: list[str] = []
+    rest = list(positionals)
+    for name in required:
+        if name in given:
+            out.append(given[name])
+        elif list_positional and name == first.name and rest:
+            out.append(json.dumps(rest if len(required) == 1 else rest[: max(1, len(rest) - (len(required) - 1 - len(given)))]))
+            rest = rest[len(json.loads(out[-1])):]
+        elif rest:
+            out.append(rest.pop(0))
+    out.extend(rest)
+    for name, value in flags:
+        if value == "\0":
+            out.append(name)
+        elif name in repeated:
+            out += [f"--{name}", json.dumps(repeated[name])]
+        else:
+            out += [f"--{name}"] + ([value] if value is not None else [])
+    return out
+
+
 def run_verb(verb: str, args: list[str]) -> object:
     """Parse `args` for `verb` and call its function (raises on error; used by tests and main)."""
     from jsonargparse import CLI
@@ -74,7 +173,7 @@ def run_verb(verb: str, args: list[str]) -> object:
     if verb not in VERBS:
         raise LmforgeError(f"unknown verb '{verb}'{closest(verb, VERBS)}; verbs: {', '.join(VERBS)}")
     func = _resolve(verb)
-    args = _expand_presets(args)
+    args = _normalise_args(func, _expand_presets(args))
     try:
         return CLI(func, args=args, exit_on_error=False, prog=f"lmforge {verb}", as_positional=True)
     except argparse.ArgumentError as e:

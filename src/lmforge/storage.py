@@ -8,10 +8,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 from lmforge.errors import CheckpointError, DataError
 
@@ -78,6 +78,8 @@ def read_json(path: str | Path) -> Any:
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Save tensors as safetensors, atomically. Shared storage (tied weights) is saved once per name
     by cloning, since safetensors refuses aliased tensors."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     seen: dict[int, str] = {}
     clean = {}
@@ -100,6 +102,8 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load a safetensors file (never pickle)."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
@@ -111,6 +115,8 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 
 def torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save through a temporary file (for optimizer state: tensors and plain containers only)."""
+    import torch
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -126,6 +132,8 @@ def torch_save(obj: Any, path: str | Path) -> Path:
 
 def torch_load(path: str | Path) -> Any:
     """torch.load with weights_only=True: tensors and plain containers, never arbitrary pickle."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")

@@ -69,12 +69,12 @@ def resolve_model_config(arch: str, model: dict[str, Any] | None, vocab_size: in
 
 
 def pretrain(
-    data: Optional[DataConfig] = None,
+    data: DataConfig = DataConfig(),
     arch: str = "gpt",
     model: Optional[dict[str, Any]] = None,
     objective: str = "clm",
     objective_args: Optional[dict[str, Any]] = None,
-    train: Optional[TrainConfig] = None,
+    train: TrainConfig = TrainConfig(),
     name: Optional[str] = None,
     runs_dir: str = "runs",
     resume: Optional[str] = None,
