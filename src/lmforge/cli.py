@@ -21,6 +21,8 @@ VERBS: dict[str, str] = {
     "generate": "lmforge.recipes.generate:generate",
     "import": "lmforge.recipes.hub:import_",
     "export": "lmforge.recipes.hub:export",
+    "embed": "lmforge.recipes.embed:embed",
+    "attention": "lmforge.recipes.attention:attention",
 }
 
 
