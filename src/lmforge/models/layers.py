@@ -3,6 +3,11 @@
 Every model calls `attention(...)`; the backend (SDPA, which picks flash / memory-efficient / math
 kernels itself) is chosen here and nowhere else. When attention weights are wanted (visualisation),
 the explicit softmax(QK^T/sqrt(d)) path is used instead, with the same masking semantics.
+
+One exception to SDPA's own choice: on CUDA without gradients (evaluation, generation, serving) the
+cuDNN backend is left out. cuDNN builds an execution plan for every new shape (measured: ~44 ms per
+call on an H100, bf16, torch 2.11, against ~0.3 ms for flash/memory-efficient), which is harmless for
+training's fixed shapes but makes token-by-token decoding, whose key length grows every step, ~10x slower.
 """
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def attention(
@@ -35,7 +43,13 @@ def attention(
         (output (B, n_head, T_q, head_dim), weights or None)
     """
     if not need_weights:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+        if q.is_cuda and not torch.is_grad_enabled():  # varying shapes: no cuDNN (see module docstring)
+            with sdpa_kernel(_NO_CUDNN):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                     is_causal=is_causal)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                 is_causal=is_causal)
         return out, None
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
     if is_causal:
