@@ -12,7 +12,8 @@ import torch
 from lmforge.cli import main
 from lmforge.errors import CheckpointError
 from lmforge.interop import minilm
-from lmforge.interop.minilm import embed, minilm_dir
+from lmforge.interop.minilm import minilm_dir
+from lmforge.recipes.embed import encode_sentences
 
 TEXTS = ["A man is eating food.", "The quick brown fox jumps over the lazy dog while the cat sleeps on the mat.",
          "Hi!", "北京是中国的首都。", "Semantic search finds documents by meaning, not by keywords."]
@@ -31,6 +32,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def embed(model, tok, texts, batch_size=64):
+    """sentence-transformers' pipeline for this model: mean pooling, L2 norm, at most 256 tokens."""
+    with torch.no_grad():
+        return encode_sentences(model, tok, list(texts), pooling="mean", batch_size=batch_size, max_length=256)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +143,12 @@ def test_one_command_import_and_export(loaded, tmp_path, capsys):
     assert "randomly initialised: MLM head, NSP head" in capsys.readouterr().out
     model, tok, cfg = load_pretrained(tmp_path / "minilm")
     torch.testing.assert_close(embed(model, tok, TEXTS[:2]), embed(loaded[0], loaded[1], TEXTS[:2]), atol=0, rtol=0)
+    (tmp_path / "sents.txt").write_text("\n".join(TEXTS[:3]) + "\n", encoding="utf-8")
+    assert main(["embed", str(tmp_path / "minilm"), str(tmp_path / "sents.txt"), str(tmp_path / "e.npy")]) == 0
+    import numpy as np
+
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "e.npy")), embed(model, tok, TEXTS[:3]),
+                               atol=1e-6, rtol=0)
 
     assert main(["export", str(tmp_path / "minilm"), "--format", "hf", str(tmp_path / "hf")]) == 0
     ref, info = transformers.AutoModel.from_pretrained(tmp_path / "hf", output_loading_info=True)

