@@ -39,7 +39,7 @@ def test_unknown_verb(capsys):
 def test_help_lists_verbs(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    for verb in ("quickstart", "clean", "tokenizer", "prepare", "pretrain", "generate"):
+    for verb in ("quickstart", "clean", "tokenizer", "prepare", "pretrain", "generate", "import", "export"):
         assert verb in out
 
 
