@@ -269,9 +269,12 @@ def _decode(model, ids, mask, N, do_sample, temperature, top_k, top_p, repetitio
     stepper = _Stepper(model, ids, mask, N, use_cache)
     logits = stepper.first()
     generator = None
-    if do_sample:
+    if do_sample:  # a local generator: reproducible with `seed`, and the global RNG is left alone
         generator = torch.Generator(device=ids.device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
     seen = _seen_tokens(ids, mask, logits.size(-1)) if repetition_penalty != 1.0 else None
     out = torch.zeros(B, N, dtype=torch.long, device=ids.device)
     lengths = torch.full((B,), N, device=ids.device)  # where each row's output ends

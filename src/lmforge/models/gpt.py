@@ -226,7 +226,7 @@ class GPT(nn.Module):
             output_attentions: also return each layer's attention probabilities (B, n_head, T, past + T).
 
         Returns:
-            logits (B, T, vocab_size) fp32-or-model-dtype, or (logits, attentions) when output_attentions.
+            logits (B, T, vocab_size) in the model's dtype, or (logits, attentions) when output_attentions.
         """
         cfg = self.config
         B, T = input_ids.shape
