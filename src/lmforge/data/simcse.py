@@ -10,8 +10,11 @@ Training batches are random spans, drawn from a generator seeded by (seed, step,
 objective encodes each twice (dropout makes the two views differ). Validation runs in eval mode, where
 dropout is off and two encodings would be identical, so each validation batch also carries a second view
 of every sentence (`pair_input_ids`, `pair_attention_mask`) with each token deleted with probability
-`val_delete_prob` (at least one kept), fixed by the batch index: the validation loss then measures how
-well a sentence retrieves a perturbed copy of itself among the batch, comparably at every evaluation.
+`val_delete_prob` (default 0.5; at least one kept), fixed by the batch index: the validation loss then
+measures how well a sentence retrieves a heavily perturbed copy of itself among the batch, comparably at
+every evaluation. (With 10% deletion a tiny model reaches loss ~0.000 and acc 1.0 within 100 steps on
+imdb_unsup, which says nothing; at 50% it goes from 2.5 / acc 0.69 at initialisation to 0.19 / 0.96
+after 300 steps.)
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ class SentenceBatcher:
     """
 
     def __init__(self, tokenizer, train, val, *, seq_len: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, min_tokens: int = 3, val_delete_prob: float = 0.1):
+                 world_size: int = 1, min_tokens: int = 3, val_delete_prob: float = 0.5):
         ids = {name: getattr(tokenizer, f"{name}_id") for name in ("cls", "sep", "pad")}
         missing = [k for k, v in ids.items() if v is None]
         if missing:

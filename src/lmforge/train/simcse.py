@@ -41,7 +41,7 @@ class SimCSEOptions:
     temperature: float = 0.05
     pooling: Literal["cls", "mean"] = "cls"
     min_tokens: int = 3
-    val_delete_prob: float = 0.1
+    val_delete_prob: float = 0.5
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
