@@ -62,8 +62,7 @@ def lmforge_step(tokens, args):
     batcher = CLMBatcher(SimpleNamespace(tokens=tokens), None, seq_len=args.seq, batch_size=args.batch, seed=0)
     cfg = TrainConfig(max_steps=10**6, batch_size=args.batch, lr=6e-4, min_lr=6e-5, warmup_steps=0, device="cuda",
                       precision="bf16", tensorboard=False, progress=False, compile=not args.no_compile)
-    wrap = (lambda m: torch.compile(m)) if cfg.compile else None
-    tr = Trainer(model, CLMObjective(), batcher, cfg, "/tmp/lmforge-gpu-bench", run_config={}, wrap=wrap)
+    tr = Trainer(model, CLMObjective(), batcher, cfg, "/tmp/lmforge-gpu-bench", run_config={})
     state = {"i": 0}
 
     def step():

@@ -47,8 +47,7 @@ def lmforge_step_fn(tokens, vocab, args, bias: bool):
     batcher = CLMBatcher(SimpleNamespace(tokens=tokens), None, seq_len=args.block, batch_size=args.batch, seed=0)
     cfg = TrainConfig(max_steps=10**6, batch_size=args.batch, lr=1e-3, warmup_steps=0, tensorboard=False,
                       progress=False, compile=args.compile)
-    wrap = (lambda m: torch.compile(m)) if args.compile else None
-    trainer = Trainer(model, CLMObjective(), batcher, cfg, "/tmp/lmforge-bench", run_config={}, wrap=wrap)
+    trainer = Trainer(model, CLMObjective(), batcher, cfg, "/tmp/lmforge-bench", run_config={})
     state = {"step": 0}
 
     def step():

@@ -94,7 +94,7 @@ def pretrain(
     """
     from lmforge.data.shards import open_prepared
     from lmforge.models import build_model
-    from lmforge.train.distributed import apply_compile, apply_ddp, setup_distributed
+    from lmforge.train.distributed import apply_ddp, setup_distributed
     from lmforge.train.protocols import ObjectiveContext
     from lmforge.train.trainer import Trainer, resolve_device
 
@@ -145,10 +145,8 @@ def pretrain(
               f"{batcher.tokens_per_batch * train_cfg.grad_accum * world_size:,} tokens; "
               f"device {resolve_device(train_cfg.device)}; run dir {run_dir}", flush=True)
 
-    def wrap(m):
-        if world_size > 1:
-            m = apply_ddp(m, resolve_device(train_cfg.device))
-        return apply_compile(m) if train_cfg.compile else m
+    def wrap(m):  # torch.compile (train.compile) is applied by the trainer, to the whole loss
+        return apply_ddp(m, resolve_device(train_cfg.device)) if world_size > 1 else m
 
     trainer = Trainer(net, obj, batcher, train_cfg, run_dir, run_config=run_config, tokenizer=tokenizer,
                       rank=rank, world_size=world_size, wrap=wrap)

@@ -190,8 +190,11 @@ class Trainer:
         self.world_size = world_size
         self.is_main = rank == 0
         self.optimizer = build_optimizer(self.raw_model, cfg, self.device)
-        # torch.compile / DDP are applied after the optimizer sees the plain parameters.
+        # DDP (and any other wrapper) is applied after the optimizer sees the plain parameters.
         self.model = wrap(self.model) if wrap is not None else self.model
+        # torch.compile takes the whole loss (model forward + objective), so the loss math (for CLM the
+        # log-softmax over a large vocabulary) fuses with the model instead of running eagerly.
+        self.loss_fn = torch.compile(objective.loss) if cfg.compile else objective.loss
         self.autocast = autocast_for(self.device, cfg.precision)
 
     # -- validation -----------------------------------------------------------------------------
@@ -205,7 +208,7 @@ class Trainer:
             n = next(iter(batch.values())).shape[0]
             batch = to_device(batch, self.device)
             with self.autocast:
-                loss, metrics = self.objective.loss(self.model, batch)
+                loss, metrics = self.loss_fn(self.model, batch)
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() * n
             total += n
@@ -297,7 +300,7 @@ class Trainer:
             ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else nullcontext()
             with ctx:
                 with self.autocast:
-                    loss, metrics = self.objective.loss(self.model, batch)
+                    loss, metrics = self.loss_fn(self.model, batch)
                 (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() / cfg.grad_accum
