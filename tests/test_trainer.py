@@ -56,7 +56,7 @@ def losses(run_dir):
 
 def base_cfg(**kw):
     values = dict(max_steps=12, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=3, eval_every=5, log_every=1,
-                  save_every=0, tensorboard=False, progress=False, grad_accum=2, seed=7)
+                  save_every=0, tensorboard=False, progress=False, grad_accum=2, seed=7, device="cpu")
     values.update(kw)
     return TrainConfig(**values)
 
