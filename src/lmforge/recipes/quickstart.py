@@ -11,8 +11,8 @@ import sysconfig
 from pathlib import Path
 from typing import Optional
 
-# Folders of the standard library left out: tests (huge, repetitive), vendored packages, GUIs.
-_SKIP = {"test", "tests", "site-packages", "dist-packages", "idlelib", "tkinter", "turtledemo", "lib2to3", "__pycache__"}
+# Folders of the standard library left out: tests (huge, repetitive), vendored packages, GUIs, codec tables.
+_SKIP = {"test", "tests", "site-packages", "dist-packages", "idlelib", "tkinter", "turtledemo", "lib2to3", "encodings", "__pycache__"}
 
 
 def stdlib_files(max_mb: float) -> list[Path]:
@@ -102,7 +102,8 @@ def quickstart(
     print("[4/4] samples (top-k 40, temperature 0.8):", flush=True)
     net, tok, _ = load_pretrained(summary["checkpoint"], device="cpu")
     prompts = ["def ", "class ", "import "]
-    outs = generate(net, [tok.encode(p) for p in prompts], max_new_tokens=60, do_sample=True, temperature=0.8,
+    ids = [tok.encode(p) for p in prompts]
+    outs = generate(net, ids, max_new_tokens=min(60, seq_len - max(map(len, ids))), do_sample=True, temperature=0.8,
                     top_k=40, seed=seed, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     samples = [p + tok.decode(o) for p, o in zip(prompts, outs)]
     for s in samples:
