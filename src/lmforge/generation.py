@@ -26,6 +26,7 @@ text-level recipe trims it), or after `max_new_tokens`.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -219,11 +220,15 @@ class _Stepper:
         self.mask = torch.cat([mask, mask.new_ones(B, max_new)], 1)  # (B, P + N)
         self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, P + N): real tokens counted from 0
         self.cache = model.new_cache(B, P + max_new) if use_cache else None
+        # Only the last position's logits are used: a model that can skip the head elsewhere is asked to.
+        forward = getattr(model, "forward", None)
+        self.extra = {"logits_to_keep": 1} if forward and "logits_to_keep" in inspect.signature(forward).parameters else {}
 
     def _forward(self, start: int) -> torch.Tensor:
         end = self.len
         logits = self.model(self.seq[:, start:end], position_ids=self.pos[:, start:end],
-                            attention_mask=self.mask[:, :end] if self.padded else None, cache=self.cache)
+                            attention_mask=self.mask[:, :end] if self.padded else None, cache=self.cache,
+                            **self.extra)
         return logits[:, -1].float()  # (B, V)
 
     def first(self) -> torch.Tensor:

@@ -107,10 +107,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, *, rope=None, mask=None, is_causal=False, cache: KVCache | None = None,
                 need_weights=False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, n_head, T, head_dim), views of qkv
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -214,6 +212,7 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         output_attentions: bool = False,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Next-token logits.
 
@@ -224,9 +223,12 @@ class GPT(nn.Module):
             attention_mask: (B, past + T), 1 = real token, 0 = padding; covers the cached tokens too.
             cache: a `new_cache(...)`; the new tokens' keys/values are appended to it in place.
             output_attentions: also return each layer's attention probabilities (B, n_head, T, past + T).
+            logits_to_keep: n > 0 computes the logits of the last n positions only (generation needs the
+                last one: skipping the head elsewhere saves a (T - 1) x d_model x vocab product on a prompt).
 
         Returns:
-            logits (B, T, vocab_size) in the model's dtype, or (logits, attentions) when output_attentions.
+            logits (B, T, vocab_size) (T = logits_to_keep when given) in the model's dtype, or
+            (logits, attentions) when output_attentions.
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -261,6 +263,8 @@ class GPT(nn.Module):
             attentions.append(weights)
         if cache is not None:
             cache.advance(T)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
         return (logits, tuple(attentions)) if output_attentions else logits
 

@@ -36,3 +36,34 @@ def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 def apply_compile(model: nn.Module, **kwargs) -> nn.Module:
     """torch.compile the model (Inductor: fused Triton kernels on CUDA, C++/OpenMP on CPU)."""
     return torch.compile(model, **kwargs)
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
+    """Trade compute for memory: recompute the activations inside Transformer blocks during backward
+    instead of keeping them from the forward pass (torchtitan's per-block activation checkpointing).
+
+    The blocks are the entries of each `nn.ModuleList` whose entries are all of one class (GPT's
+    `transformer.h`, BERT's `encoder.layer`); every `every`-th one (the first included) is wrapped in
+    place with PyTorch's non-reentrant checkpoint wrapper, which keeps the parameter names of
+    `state_dict()` unchanged and restores the RNG state for the recomputation, so dropout draws the same
+    masks and the gradients equal those of the plain model. Apply it before `apply_ddp`/`apply_compile`.
+
+    Args:
+        model: a plain lmforge model (GPT, Bert, ...), changed in place.
+        every: checkpoint every n-th block (1: all; 2: half of them, less memory saved, less recompute).
+
+    Returns:
+        the same model.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)
+             and len({type(b) for b in m}) == 1 and not isinstance(m[0], CheckpointWrapper)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no list of blocks to checkpoint")
+    for blocks in lists:
+        for i in range(0, len(blocks), every):
+            blocks[i] = checkpoint_wrapper(blocks[i])
+    return model

@@ -66,13 +66,24 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (biases, norms and other 1-D parameters are not
-    decayed). Fused kernels on CUDA; the multi-tensor (foreach) path elsewhere."""
+    decayed). The fused kernel (one pass over each parameter) where PyTorch has one for the device, CUDA
+    and CPU included: on CPU it measured 6.5x faster than the multi-tensor (foreach) path for the
+    shakespeare_char model and 6x for GPT-2 124M (1.6 s -> 0.26 s a step); foreach elsewhere."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    extra = {"fused": True} if device.type in _fused_adamw_devices() else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
+
+
+def _fused_adamw_devices() -> tuple[str, ...]:
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        return tuple(_get_fused_kernels_supported_devices())
+    except ImportError:  # older torch: CUDA only
+        return ("cuda",)
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -1,0 +1,133 @@
+"""Weight-only low precision for generation, applied to a trained model from the outside.
+
+Decoding one sequence at a time reads every weight matrix once per token and does little arithmetic
+with it, so its speed is set by memory bandwidth: storing the weights in fewer bytes is what makes it
+faster. `quantize_for_generation(model, weights)` swaps every `nn.Linear` of a model (the output head
+included, tied or not) for a module that keeps its weight in low precision, in place; everything else
+(embeddings, LayerNorms, the KV cache, the residual stream) stays as it was, so the model's code and
+calling conventions do not change. It is meant for inference: the new modules have no gradients.
+
+    weights   stored as                                  computed as
+    'fp16'    IEEE half, 2 bytes (fbgemm's packed        fp32 activations x fp16 weights, fp32
+              layout on CPU)                             accumulation (FBGEMM's AVX2/AVX-512 kernel)
+    'bf16'    bfloat16, 2 bytes                          activations cast to bf16, fp32 accumulation,
+                                                         output cast back (oneDNN / cuBLAS)
+    'int8'    int8, 1 byte, one fp32 scale per output    bf16 activations x int8 weights (ATen's
+              row (symmetric, round to nearest)          `_weight_int8pack_mm`), output cast back
+
+Quality: fp16 keeps 11 significant bits of each weight (bf16 8, int8 about 7 relative to its row's
+largest value); `tests/test_quantize.py` checks each against fp32 (logits, greedy tokens, perplexity of a
+trained model) and the benchmark reports the same on its model (`bench/bench_cpu.py --work gpt2_generate`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+WEIGHTS = ("fp16", "bf16", "int8")
+_FP16_MAX = 65504.0
+
+
+def _fbgemm_fp16_available() -> bool:
+    return hasattr(torch, "fbgemm_pack_gemm_matrix_fp16") and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+
+
+class LowPrecisionLinear(nn.Module):
+    """`y = x W^T + b` with W stored in low precision (see the module docstring); input and output
+    keep their dtype. Build it with `LowPrecisionLinear.from_linear(linear, weights)`."""
+
+    def __init__(self, in_features: int, out_features: int, weights: str, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features, self.weights = in_features, out_features, weights
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.packed = None  # fbgemm's packed fp16 matrix (an opaque CPU tensor; not in state_dict)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weights: str) -> "LowPrecisionLinear":
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, weights, linear.bias)
+        if weights == "int8":
+            scale = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,) one scale per output row
+            m.register_buffer("weight", torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            m.register_buffer("scale", scale)
+            m.register_buffer("scale_bf16", scale.to(torch.bfloat16))
+        elif weights == "fp16":
+            if w.abs().max() > _FP16_MAX:
+                raise ConfigError(f"a weight exceeds fp16's range ({_FP16_MAX}); use weights 'bf16'")
+            m.register_buffer("weight", w.to(torch.float16))
+            if w.device.type == "cpu" and _fbgemm_fp16_available():
+                m.packed = torch.fbgemm_pack_gemm_matrix_fp16(w.float().contiguous())
+                if m.bias is None:  # fbgemm's kernel takes a bias tensor
+                    m.register_buffer("zero_bias", torch.zeros(linear.out_features, device=w.device))
+        elif weights == "bf16":
+            m.register_buffer("weight", w.to(torch.bfloat16))
+        else:
+            raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        return m
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this module multiplies by, in fp32 (out, in): the reference its output is tested against."""
+        if self.weights == "int8":
+            return self.weight.float() * self.scale[:, None]
+        return self.weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        if self.weights == "fp16" and self.packed is not None and x2.dtype == torch.float32:
+            bias = self.bias if self.bias is not None else self.zero_bias
+            y = torch.fbgemm_linear_fp16_weight(x2, self.packed, bias)
+        elif self.weights == "int8" and x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale_bf16).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        elif self.weights == "int8":  # elsewhere: dequantize on the fly (correct, not faster)
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        else:  # bf16 / fp16 weights: compute in that dtype (fp32 accumulation inside the GEMM), cast back
+            y = F.linear(x2.to(self.weight.dtype), self.weight,
+                         None if self.bias is None else self.bias.to(self.weight.dtype)).to(x.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weights={self.weights}, "
+                f"bias={self.bias is not None}")
+
+
+def prepare_for_generation(model: nn.Module, weights: str = "fp32") -> nn.Module:
+    """Make a trained model fast at generating, in place: every `nn.Linear` weight is re-laid out for
+    (or stored in low precision for) the matrix-vector products that decoding one token at a time does.
+
+    'fp32' keeps the values and the dtype and only stores each Linear weight column-major: the same
+    (out, in) tensor, whose transpose is then contiguous, so `F.linear` runs as `x @ W^T` on a contiguous
+    (in, out) matrix, which BLAS streams faster for a single row of activations (the layout GPT-2's Conv1D
+    keeps; measured 1.35x on this project's 2-core machine). Results equal the plain model's up to float
+    rounding. A model prepared this way is for inference: save checkpoints from the original.
+
+    Args:
+        model: a trained model (GPT, LSTM, ...), on the device it will run on.
+        weights: 'fp32' (layout only), or 'fp16', 'bf16', 'int8' (see the module docstring).
+
+    Returns:
+        the same model, in eval mode.
+    """
+    if weights not in ("fp32",) + WEIGHTS:
+        raise ConfigError(f"weights must be one of fp32, {', '.join(WEIGHTS)}, got {weights!r}")
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Linear)]
+    if weights == "fp32":
+        for _, _, child in targets:
+            w = child.weight
+            if w.device.type == "cpu" and w.is_contiguous() and w.dim() == 2:  # a tied weight is changed once
+                w.data = w.data.t().contiguous().t()  # same shape and values, column-major storage
+        return model.eval()
+    done: dict[int, LowPrecisionLinear] = {}  # one low-precision copy per distinct Linear
+    for parent, name, child in targets:
+        if id(child) not in done:
+            done[id(child)] = LowPrecisionLinear.from_linear(child, weights)
+        setattr(parent, name, done[id(child)])
+    return model.eval()
