@@ -152,6 +152,8 @@ def _normalise_args(func, args: list[str]) -> list[str]:
     for name in required:
         if name in given:
             out.append(given[name])
+        elif list_positional and name == first.name and rest and rest[0].lstrip().startswith("["):
+            out.append(rest.pop(0))  # already a JSON/YAML list: '[a.txt, b.txt]'
         elif list_positional and name == first.name and rest:
             out.append(json.dumps(rest if len(required) == 1 else rest[: max(1, len(rest) - (len(required) - 1 - len(given)))]))
             rest = rest[len(json.loads(out[-1])):]
