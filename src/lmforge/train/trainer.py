@@ -224,6 +224,13 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v.detach().float() * n
             total += n
         self.model.train()
+        if self.world_size > 1:  # each process evaluated its share of the windows: add them up
+            import torch.distributed as dist
+
+            keys = sorted(sums)
+            packed = torch.stack([sums[k] for k in keys] + [torch.tensor(float(total), device=self.device)])
+            dist.all_reduce(packed)
+            sums, total = dict(zip(keys, packed[:-1])), int(packed[-1].item())
         if total == 0:
             return {}
         out = {k: (v / total).item() for k, v in sums.items()}
