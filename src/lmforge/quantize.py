@@ -32,7 +32,9 @@ _FP16_MAX = 65504.0
 
 
 def _fbgemm_fp16_available() -> bool:
-    return hasattr(torch, "fbgemm_pack_gemm_matrix_fp16") and torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+    """FBGEMM's fp16-weight GEMM (x86 with AVX2 or better; PyTorch's own dynamic-quantization kernel)."""
+    return (torch.backends.quantized.engine in ("fbgemm", "x86")
+            and torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX"))
 
 
 class LowPrecisionLinear(nn.Module):
@@ -43,7 +45,7 @@ class LowPrecisionLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.weights = in_features, out_features, weights
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.packed = None  # fbgemm's packed fp16 matrix (an opaque CPU tensor; not in state_dict)
+        self.packed = None  # fbgemm's packed fp16 weight and bias (an opaque CPU object; not in state_dict)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weights: str) -> "LowPrecisionLinear":
@@ -59,9 +61,8 @@ class LowPrecisionLinear(nn.Module):
                 raise ConfigError(f"a weight exceeds fp16's range ({_FP16_MAX}); use weights 'bf16'")
             m.register_buffer("weight", w.to(torch.float16))
             if w.device.type == "cpu" and _fbgemm_fp16_available():
-                m.packed = torch.fbgemm_pack_gemm_matrix_fp16(w.float().contiguous())
-                if m.bias is None:  # fbgemm's kernel takes a bias tensor
-                    m.register_buffer("zero_bias", torch.zeros(linear.out_features, device=w.device))
+                bias = None if linear.bias is None else linear.bias.detach().float()
+                m.packed = torch.ops.quantized.linear_prepack_fp16(w.float().contiguous(), bias)
         elif weights == "bf16":
             m.register_buffer("weight", w.to(torch.bfloat16))
         else:
@@ -78,8 +79,7 @@ class LowPrecisionLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         if self.weights == "fp16" and self.packed is not None and x2.dtype == torch.float32:
-            bias = self.bias if self.bias is not None else self.zero_bias
-            y = torch.fbgemm_linear_fp16_weight(x2, self.packed, bias)
+            y = torch.ops.quantized.linear_dynamic_fp16(x2.contiguous(), self.packed)  # bias included
         elif self.weights == "int8" and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale_bf16).to(x.dtype)
             if self.bias is not None:
