@@ -133,3 +133,20 @@ def test_bad_configs_name_the_field():
         build_model("bert", {"activation": "swish"})
     with pytest.raises(ConfigError, match="max_position"):
         Bert(BertConfig(**TINY))(torch.zeros(1, 30, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["bert_en_small", "bert_zh_small"])
+def test_shipped_presets_parse_and_build(name):
+    from lmforge.config import from_dict, load_yaml, preset_path
+    from lmforge.recipes.pretrain import OBJECTIVES, DataConfig, resolve_model_config
+    from lmforge.train.config import TrainConfig
+    from lmforge.train.mlm import MLMOptions, NSPOptions
+
+    cfg = load_yaml(preset_path(name))
+    assert cfg["name"] == name and cfg["arch"] == "bert" and cfg["objective"] in OBJECTIVES
+    data = from_dict(DataConfig, cfg["data"], "data")
+    model_cfg, seq_len = resolve_model_config("bert", cfg["model"], 8000, data.seq_len)
+    assert seq_len <= model_cfg.max_position
+    assert build_model("bert", model_cfg).num_params() > 1e6
+    from_dict(TrainConfig, cfg["train"], "train")
+    from_dict(NSPOptions if cfg["objective"] == "mlm+nsp" else MLMOptions, cfg.get("objective_args"), "objective_args")
