@@ -308,6 +308,7 @@ class NSPBatcher:
         self.val_tokens = len(val.tokens) if self.val is not None else 0
         self.tokens_per_batch = batch_size * seq_len
         self.cls, self.sep, self.pad = masker.ids["cls"], masker.ids["sep"], masker.ids["pad"]
+        self.structural = np.array(list(masker.ids.values()))
 
     def pair(self, S: _Sentences, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
         """(segment A, segment B, label): label 0 = B follows A in its document, 1 = B is from another."""
@@ -326,7 +327,8 @@ class NSPBatcher:
             d2 = int(others[rng.integers(len(others))])
             s2 = int(rng.integers(S.first[d2], S.last[d2] + 1))
             b = S.span(s2, S.fill(s2, max(1, target - len(a))))
-        a, b = a[~self.masker.special[a]], b[~self.masker.special[b]]  # e.g. a [SEP] that ends each document
+        # Drop structural tokens from the text, e.g. the [SEP] that `prepare --append_eos` ends documents with.
+        a, b = a[~np.isin(a, self.structural)], b[~np.isin(b, self.structural)]
         return *self.truncate(a, b, max_tokens, rng), label
 
     @staticmethod

@@ -73,8 +73,8 @@ class SentenceBatcher:
         if not 0.0 <= val_delete_prob < 1.0:
             raise ConfigError(f"objective_args.val_delete_prob must be in [0, 1), got {val_delete_prob}")
         self.cls, self.sep, self.pad = ids["cls"], ids["sep"], ids["pad"]
-        self.special = np.zeros(max(tokenizer.vocab_size, 1), dtype=bool)
-        self.special[[i for i in tokenizer.special_ids if i < len(self.special)]] = True
+        # Structural tokens are dropped from the text (e.g. the [SEP] that `prepare --append_eos` ends documents with).
+        self.structural = np.array([i for i in (ids["cls"], ids["sep"], ids["pad"], tokenizer.mask_id) if i is not None])
         self.train, self.val = train, val
         self.seq_len, self.batch_size, self.seed, self.rank, self.world_size = seq_len, batch_size, seed, rank, world_size
         self.val_delete_prob = val_delete_prob
@@ -87,7 +87,7 @@ class SentenceBatcher:
 
     def row(self, shards, start: int, length: int) -> np.ndarray:
         toks = np.asarray(shards.tokens[start : start + length], dtype=np.int64)
-        toks = toks[~self.special[toks]]  # e.g. an end-of-document [SEP] written by prepare
+        toks = toks[~np.isin(toks, self.structural)]
         return np.concatenate([[self.cls], toks, [self.sep]])
 
     def _pad(self, rows: list[np.ndarray], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +110,7 @@ class SentenceBatcher:
         """The row with each content token dropped with probability val_delete_prob (one always stays)."""
         body = row[1:-1]
         keep = rng.random(len(body)) >= self.val_delete_prob
-        if not keep.any():
+        if len(body) and not keep.any():
             keep[rng.integers(len(body))] = True
         return np.concatenate([[self.cls], body[keep], [self.sep]])
 
