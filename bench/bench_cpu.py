@@ -17,15 +17,19 @@ Works (the rows of issue #5's table):
 How it measures. Within a work, every contender is built in this process and timed in alternating
 rounds (contender A, B, C, A, B, C, ...); the figure is the median round. Peak memory is the RSS
 high-water mark (`ru_maxrss`) of a subprocess that builds and runs that contender alone, since one
-process's high-water mark cannot be split between contenders; "over base" subtracts the RSS the child
-had after its imports and data, before building the model. Run it on a quiet machine (the 1-minute
+process's high-water mark cannot be split between contenders. The child loads its data and imports
+first, then restarts the high-water mark (Linux's clear_refs) and builds and runs the contender: "peak
+RSS" is the mark after that, "over base" the same less the RSS before the build (the model, optimizer
+state, activations and workspace of that contender alone). Run it on a quiet machine (the 1-minute
 load average is printed with each work): on a shared 2-core machine other processes change the figures.
 Threads: torch's default unless --threads; the count is printed and saved with the results.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import os
 import resource
 import statistics
@@ -67,14 +71,34 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1e3  # kB
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Start the RSS high-water mark afresh (Linux >= 4.0: write 5 to /proc/self/clear_refs), so that data
+    loading before the measured part does not count; False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def rss_mb() -> float:
     """Current resident set size (MB)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
+    return _status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # Linux: kB
+    """The RSS high-water mark (MB): since `reset_peak_rss`, or since the process started."""
+    try:
+        return _status_mb("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # Linux: kB
 
 
 def quiet_transformers():
@@ -148,36 +172,40 @@ def gpt_char_contenders(args) -> dict[str, Callable[[], Contender]]:
 
         return CLMBatcher(train, None, seq_len=64, batch_size=12, seed=0)
 
-    def lmforge(bias: bool, compile: bool = False):
+    def lmforge(bias: bool, activation: str, compile: bool = False):
         def build():
             from lmforge.models import build_model
             from lmforge.train.clm import CLMObjective
 
             torch.manual_seed(0)
-            model = build_model("gpt", dict(shape, bias=bias))
+            model = build_model("gpt", dict(shape, bias=bias, activation=activation))
             return Contender(lmforge_trainer(model, CLMObjective(), batcher(), 12, 1e-3, compile), 12 * 64, model)
         return build
 
-    def hf():
-        transformers = quiet_transformers()
-        torch.manual_seed(0)
-        cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=128, n_layer=4, n_head=4,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                      eos_token_id=0)
-        cfg._attn_implementation = "sdpa"
-        model = transformers.GPT2LMHeadModel(cfg)
+    def hf(activation: str):
+        def build():
+            transformers = quiet_transformers()
+            torch.manual_seed(0)
+            cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=128, n_layer=4, n_head=4,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                          eos_token_id=0, activation_function=activation)
+            cfg._attn_implementation = "sdpa"
+            model = transformers.GPT2LMHeadModel(cfg)
 
-        def loss_of(m, b):
-            logits = m(input_ids=b["input_ids"]).logits
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten())
+            def loss_of(m, b):
+                logits = m(input_ids=b["input_ids"]).logits
+                return torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten())
 
-        return Contender(hf_train_step(model, batcher(), loss_of, 1e-3), 12 * 64, model)
+            return Contender(hf_train_step(model, batcher(), loss_of, 1e-3), 12 * 64, model)
+        return build
 
-    out = {"lmforge GPT (bias=False, the preset)": lmforge(False),
-           "lmforge GPT (bias=True, = GPT-2)": lmforge(True)}
+    out = {"lmforge GPT, nanoGPT's model (no biases, exact GELU)": lmforge(False, "gelu"),
+           "lmforge GPT, the shakespeare_char preset (no biases, tanh GELU)": lmforge(False, "gelu_tanh"),
+           "lmforge GPT, GPT-2's choices (biases, tanh GELU)": lmforge(True, "gelu_tanh")}
     if args.compile:
-        out["lmforge GPT (bias=False, train.compile)"] = lmforge(False, compile=True)
-    out["transformers GPT2LMHeadModel"] = hf
+        out["lmforge GPT, nanoGPT's model, train.compile"] = lmforge(False, "gelu", compile=True)
+    out["transformers GPT2LMHeadModel (GPT-2's choices: biases, tanh GELU)"] = hf("gelu_new")
+    out["transformers GPT2LMHeadModel, exact GELU (biases)"] = hf("gelu")
     return out
 
 
@@ -195,7 +223,7 @@ def char_loss_run(args) -> str:
     train, val = SimpleNamespace(tokens=tokens[:n_train]), SimpleNamespace(tokens=tokens[n_train:])
     torch.manual_seed(1337)
     model = build_model("gpt", dict(vocab_size=vocab, block_size=64, n_layer=4, n_head=4, d_model=128,
-                                    dropout=0.0, bias=False))
+                                    dropout=0.0, bias=False, activation=args.char_activation))
     batcher = CLMBatcher(train, val, seq_len=64, batch_size=12, seed=1337)
     cfg = TrainConfig(max_steps=args.char_iters, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=100,
                       decay_steps=args.char_iters, eval_every=0, log_every=args.char_iters, tensorboard=False,
@@ -205,7 +233,8 @@ def char_loss_run(args) -> str:
     result = trainer.fit()
     total = time.perf_counter() - t
     tok_s = args.char_iters * 12 * 64 / total
-    return (f"lmforge `Trainer.fit`, nanoGPT's CPU run ({args.char_iters} iterations, {source}, validation on the "
+    return (f"lmforge `Trainer.fit`, nanoGPT's CPU run (GELU {args.char_activation}, {args.char_iters} iterations, "
+            f"{source}, validation on the "
             f"last 10%): val loss **{result.val['loss']:.4f}** (nanoGPT: {NANOGPT_VAL_LOSS}); "
             f"{total:.1f} s, {tok_s:,.0f} tokens/s over the whole run including validation and checkpointing "
             f"(training steps alone: {result.train_tokens_per_s:,.0f} tokens/s in the last log window).")
@@ -405,6 +434,45 @@ def generation_extras(contenders: dict[str, Contender], rates: dict[str, float])
     return lines
 
 
+def quality_lines(args) -> list[str]:
+    """The weight-only options on a trained model: held-out perplexity and greedy agreement with fp32."""
+    from lmforge.generation import generate
+    from lmforge.quantize import prepare_for_generation
+    from lmforge.train.checkpoint import find_checkpoint, load_pretrained
+
+    candidates = [Path(args.quality_model)] if args.quality_model else [CACHE / "char-loss",
+                                                                         Path("runs/shakespeare_char")]
+    where = next((c for c in candidates if (c / "checkpoints").is_dir() or (c / "config.yaml").is_file()), None)
+    if where is None or not SHAKESPEARE.is_file():
+        return ["", "Quality on a trained model: skipped (no checkpoint; run --work gpt_char --char-loss first)."]
+    ckpt = find_checkpoint(where)
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    rows = []
+    ref_tokens = None
+    for weights in ("fp32", "fp16", "bf16", "int8"):
+        model, tok, _ = load_pretrained(ckpt)
+        prepare_for_generation(model, weights)
+        ids = torch.tensor(tok.encode(text[int(len(text) * 0.9):]))
+        T = model.config.block_size
+        n = (len(ids) - 1) // T * T
+        x, y = ids[:n].view(-1, T), ids[1:n + 1].view(-1, T)
+        with torch.inference_mode():
+            nll = sum(torch.nn.functional.cross_entropy(model(x[i:i + 64]).flatten(0, 1).float(),
+                                                        y[i:i + 64].flatten(), reduction="sum").item()
+                      for i in range(0, len(x), 64)) / y.numel()
+        prompt = tok.encode(text[int(len(text) * 0.9):][:16])
+        out = generate(model, [prompt], max_new_tokens=T - len(prompt))[0]
+        ref_tokens = ref_tokens or out
+        same = next((i for i, (a, b) in enumerate(zip(out, ref_tokens)) if a != b), len(ref_tokens))
+        rows.append((weights, nll, same))
+    base = rows[0][1]
+    lines = ["", f"Quality on a trained model ({ckpt}; held-out = the last 10% of tinyshakespeare):", "",
+             "| weights | val loss | perplexity change | greedy tokens equal to fp32 |", "|---|---|---|---|"]
+    lines += [f"| {w} | {nll:.4f} | {math.exp(nll - base) - 1:+.3%} | {same} of {len(ref_tokens)} |"
+              for w, nll, same in rows]
+    return lines
+
+
 # ---- prepare -------------------------------------------------------------------------------------------------
 def prepare_contenders(args) -> dict[str, Callable[[], Contender]]:
     if not IMDB.is_file():
@@ -482,11 +550,13 @@ def run_child(work: str, name: str, args) -> None:
     import lmforge.train.trainer  # noqa: F401  (imports before the baseline too)
     if "transformers" in name:
         quiet_transformers()
+    gc.collect()
+    reset = reset_peak_rss()
     base = rss_mb()
     c = builder()
     for _ in range(args.memory_steps):
         c.run()
-    print(json.dumps({"base_mb": base, "peak_mb": peak_rss_mb()}))
+    print(json.dumps({"base_mb": base, "peak_mb": peak_rss_mb(), "reset": reset}))
 
 
 def run_work(work: str, args) -> str | None:
@@ -524,12 +594,16 @@ def run_work(work: str, args) -> str | None:
         lines.append(f"| {name} | **{rates[name] * scale:,.{2 if scale < 1 else 0}f}** | {spread} | "
                      f"{rates[name] / rates[peer]:.2f}x | {mem} |")
     if work == "gpt_char":
-        lines.append(f"\nnanoGPT's figure on this kind of machine (issue #5): {NANOGPT_TOK_S:,} tokens/s; lmforge preset "
-                     f"at {rates['lmforge GPT (bias=False, the preset)'] / NANOGPT_TOK_S:.2f}x of it.")
+        ours = "lmforge GPT, nanoGPT's model (no biases, exact GELU)"
+        lines.append(f"\nnanoGPT's figure on this kind of machine (issue #5, its model: no biases, exact GELU): "
+                     f"{NANOGPT_TOK_S:,} tokens/s; lmforge with the same model at {rates[ours] / NANOGPT_TOK_S:.2f}x of it. "
+                     f"Apples to apples with transformers: lmforge (biases, tanh GELU) vs GPT2LMHeadModel = "
+                     f"{rates['lmforge GPT, GPT-2' + chr(39) + 's choices (biases, tanh GELU)'] / rates[peer]:.2f}x.")
         if args.char_loss:
             lines += ["", char_loss_run(args)]
     if work == "gpt2_generate":
         lines += generation_extras(contenders, rates)
+        lines += quality_lines(args)
     notes = [f"- {n}: {c.note}" for n, c in contenders.items() if c.note]
     title = {"gpt_char": "GPT char-level, 4 x 128, block 64, batch 12 (tinyshakespeare), training step",
              "bert_mlm": f"BERT MLM 4 x 256, ffn 1024, vocab 8000 WordPiece, seq 128, batch 16, 15% masked "
@@ -559,10 +633,15 @@ def main() -> None:
     p.add_argument("--gpt2-batch", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=128, help="gpt2_generate: tokens per generate call")
     p.add_argument("--prompt-len", type=int, default=16, help="gpt2_generate: prompt tokens")
+    p.add_argument("--quality-model", default=None,
+                   help="gpt2_generate: trained run/checkpoint for the weights' quality check (default: the "
+                        "--char-loss run's, else runs/shakespeare_char)")
     p.add_argument("--bert-mb", type=float, default=4.0, help="MB of imdb_unsup for the BERT tokenizer and data")
     p.add_argument("--compile", action="store_true", help="gpt_char: also lmforge with train.compile")
     p.add_argument("--char-loss", action="store_true", help="gpt_char: also nanoGPT's full run, val loss")
     p.add_argument("--char-iters", type=int, default=2000)
+    p.add_argument("--char-activation", default="gelu", choices=("gelu", "gelu_tanh"),
+                   help="GELU of the --char-loss run (nanoGPT's model uses the exact one)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-RSS subprocesses")
     p.add_argument("--memory-steps", type=int, default=3, help="steps each memory subprocess runs")
     p.add_argument("--append", action="store_true", help="append the results to bench/RESULTS.md")

@@ -141,3 +141,14 @@ def test_recipe_weights_option(monkeypatch, trained, capsys):
     assert fast == plain
     with pytest.raises(ConfigError):
         mod.generate("m", prompt="abcd", weights="int3")
+
+
+def test_a_linear_registered_twice_gets_one_copy():
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(8, 3))
+    x = torch.randn(2, 8)
+    ref = model(x)
+    prepare_for_generation(model, "int8")
+    assert model[0] is model[2] and isinstance(model[0], LowPrecisionLinear)
+    torch.testing.assert_close(model(x), ref, rtol=0.05, atol=0.01)

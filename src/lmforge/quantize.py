@@ -21,6 +21,8 @@ trained model) and the benchmark reports the same on its model (`bench/bench_cpu
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,10 +61,11 @@ class LowPrecisionLinear(nn.Module):
         elif weights == "fp16":
             if w.abs().max() > _FP16_MAX:
                 raise ConfigError(f"a weight exceeds fp16's range ({_FP16_MAX}); use weights 'bf16'")
-            m.register_buffer("weight", w.to(torch.float16))
-            if w.device.type == "cpu" and _fbgemm_fp16_available():
+            if w.device.type == "cpu" and _fbgemm_fp16_available():  # packed for fbgemm: its only copy
                 bias = None if linear.bias is None else linear.bias.detach().float()
                 m.packed = torch.ops.quantized.linear_prepack_fp16(w.float().contiguous(), bias)
+            else:
+                m.register_buffer("weight", w.to(torch.float16))
         elif weights == "bf16":
             m.register_buffer("weight", w.to(torch.bfloat16))
         else:
@@ -73,6 +76,8 @@ class LowPrecisionLinear(nn.Module):
         """The weight this module multiplies by, in fp32 (out, in): the reference its output is tested against."""
         if self.weights == "int8":
             return self.weight.float() * self.scale[:, None]
+        if self.packed is not None:
+            return torch.ops.quantized.linear_unpack_fp16(self.packed)[0].float()  # the fp16 values, as fp32
         return self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,17 +122,24 @@ def prepare_for_generation(model: nn.Module, weights: str = "fp32") -> nn.Module
     """
     if weights not in ("fp32",) + WEIGHTS:
         raise ConfigError(f"weights must be one of fp32, {', '.join(WEIGHTS)}, got {weights!r}")
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+    targets = [(parent, name) for parent in model.modules() for name, child in parent._modules.items()
                if isinstance(child, nn.Linear)]
     if weights == "fp32":
-        for _, _, child in targets:
-            w = child.weight
+        for parent, name in targets:
+            w = getattr(parent, name).weight
             if w.device.type == "cpu" and w.is_contiguous() and w.dim() == 2:  # a tied weight is changed once
                 w.data = w.data.t().contiguous().t()  # same shape and values, column-major storage
         return model.eval()
-    done: dict[int, LowPrecisionLinear] = {}  # one low-precision copy per distinct Linear
-    for parent, name, child in targets:
-        if id(child) not in done:
-            done[id(child)] = LowPrecisionLinear.from_linear(child, weights)
-        setattr(parent, name, done[id(child)])
+    # A Linear registered in two places gets one low-precision copy; it is held (so its id stays its own)
+    # until done. Every other one is replaced and freed one at a time, which keeps the peak memory low.
+    uses = Counter(id(getattr(parent, name)) for parent, name in targets)
+    shared: dict[int, tuple[nn.Linear, LowPrecisionLinear]] = {}
+    for parent, name in targets:
+        child = getattr(parent, name)
+        if uses[id(child)] == 1:
+            new = LowPrecisionLinear.from_linear(child, weights)
+        else:
+            new = shared.setdefault(id(child), (child, LowPrecisionLinear.from_linear(child, weights)))[1]
+        setattr(parent, name, new)
+        del child
     return model.eval()
