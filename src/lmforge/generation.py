@@ -13,6 +13,8 @@ The model interface (everything `generate` relies on):
                         Models must ignore padded positions (attention masks them; a recurrent model
                         must keep its state unchanged across them).
         cache           the object `new_cache` returned; the call updates it in place.
+        logits_to_keep  optional: when `forward` has this parameter, generation passes 1 and the model may
+                        return the last position's logits only (B, 1, vocab), skipping its head elsewhere.
     model.new_cache(batch_size, max_len) -> a cache for `batch_size` rows and up to `max_len` positions,
         with `cache.reorder(index: LongTensor)` (row i becomes old row index[i]; used by beam search).
     model.max_seq_len   optional int | None: the longest prompt + generation the model accepts.
