@@ -142,19 +142,3 @@ def test_trains_with_the_clm_objective():
         first = first or loss.item()
     assert loss.item() < 0.2 * first
 
-
-def test_lstm_preset_parses_and_matches_the_gpt_size():
-    from lmforge.config import from_dict, load_yaml, preset_path
-    from lmforge.recipes.pretrain import DataConfig, resolve_model_config
-    from lmforge.train.config import TrainConfig
-
-    cfg = load_yaml(preset_path("lstm_shakespeare_char"))
-    gpt = load_yaml(preset_path("shakespeare_char"))
-    assert cfg["arch"] == "lstm" and cfg["objective"] == "clm" and cfg["data"] == gpt["data"]
-    from_dict(DataConfig, cfg["data"], "data")
-    train = from_dict(TrainConfig, cfg["train"], "train")
-    assert (train.max_steps, train.batch_size) == (gpt["train"]["max_steps"], gpt["train"]["batch_size"])  # same tokens
-    lstm_cfg, _ = resolve_model_config("lstm", cfg["model"], 65, 64)
-    gpt_cfg, _ = resolve_model_config("gpt", gpt["model"], 65, 64)
-    n_lstm, n_gpt = build_model("lstm", lstm_cfg).num_params(), build_model("gpt", gpt_cfg).num_params()
-    assert abs(n_lstm - n_gpt) / n_gpt < 0.02
