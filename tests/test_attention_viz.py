@@ -18,14 +18,6 @@ EN = ["the cat sat on the mat.", "students love learning to program computers.",
 ZH = ["我爱学习编程。", "今天天气很好，我们去公园散步。", "自然语言处理是人工智能的一个方向。"] * 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def checkpoint(tmp_path: Path, name: str, texts: list[str], arch: str = "bert") -> Path:
     tok = train_tokenizer(texts, kind="wordpiece" if arch == "bert" else "bpe", vocab_size=300 if arch == "bert" else 400,
                           min_frequency=1)

@@ -10,16 +10,6 @@ from lmforge.models.bert import Bert, BertConfig
 transformers = pytest.importorskip("transformers")
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = dict(vocab_size=97, max_position=24, type_vocab_size=2, n_layer=2, n_head=4, d_model=32, d_ff=64)
 
 

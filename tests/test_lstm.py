@@ -7,14 +7,6 @@ from lmforge.models import arch_of, build_model
 from lmforge.models.lstm import LSTMConfig, LSTMLM
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> LSTMLM:
     torch.manual_seed(0)
     cfg = dict(vocab_size=50, d_model=12, d_hidden=16, n_layer=2, dropout=0.0, tie_embeddings=True)

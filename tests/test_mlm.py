@@ -20,14 +20,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PAD, UNK, CLS, SEP, MASK = range(5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def corpus(rel: str, chars: int) -> str:
     path = DATA / rel
     if not path.is_file():

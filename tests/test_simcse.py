@@ -19,14 +19,6 @@ PAD, UNK, CLS, SEP, MASK = range(5)
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tokenizer(V=100):
     return SimpleNamespace(kind="wordpiece", vocab_size=V, pad_id=PAD, unk_id=UNK, cls_id=CLS, sep_id=SEP, mask_id=MASK,
                            special_ids={PAD, UNK, CLS, SEP, MASK})
