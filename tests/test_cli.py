@@ -126,3 +126,21 @@ def test_pretrain_generate_resume_end_to_end(tiny_data, tmp_path):
     code, out, err = run_cli("generate", run, "--prompt", "document", "--max_new_tokens", "12", "--seed", "1")
     assert code == 0, err
     assert "document" in out
+
+
+def test_init_from_starts_at_the_base_model(tiny_data, tmp_path):
+    """--init_from loads the pretrained weights: the new run's first validation equals the base's last."""
+    from lmforge.errors import ConfigError
+    from lmforge.recipes.pretrain import DataConfig, pretrain
+    from lmforge.train.config import TrainConfig
+
+    data = DataConfig(path=str(tiny_data / "prep"), seq_len=32)
+    train = TrainConfig(max_steps=6, batch_size=4, eval_every=0, progress=False, tensorboard=False, device="cpu")
+    base = pretrain(data=data, model={"n_layer": 1, "n_head": 2, "d_model": 32}, train=train, runs_dir=str(tmp_path), name="base")
+
+    tuned = pretrain(data=data, train=TrainConfig(max_steps=1, batch_size=4, eval_every=0, progress=False, tensorboard=False,
+                                                  device="cpu", lr=1e-12, min_lr=0.0, warmup_steps=0),
+                     runs_dir=str(tmp_path), name="tuned", init_from=base["checkpoint"])
+    assert tuned["val"]["loss"] == pytest.approx(base["val"]["loss"], abs=1e-6)
+    with pytest.raises(ConfigError, match="do not also give --model"):
+        pretrain(data=data, model={"n_layer": 2}, train=train, runs_dir=str(tmp_path), name="x", init_from=base["checkpoint"])

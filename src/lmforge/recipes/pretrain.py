@@ -68,6 +68,19 @@ def resolve_model_config(arch: str, model: dict[str, Any] | None, vocab_size: in
     return cfg, seq_len or 128
 
 
+def _load_base(init_from: str, tokenizer, model: dict[str, Any] | None):
+    """(pretrained model, its arch, its model config) for `init_from`, checked against the data's tokenizer."""
+    from lmforge.interop.hf import load
+
+    if model:
+        raise ConfigError("--init_from takes the model config from the checkpoint; do not also give --model.*")
+    base, base_tok, base_cfg = load(init_from)
+    if base_tok.hash != tokenizer.hash:
+        raise ConfigError(f"--init_from {init_from}: its tokenizer differs from the one the data was prepared with; "
+                          f"prepare the data with {init_from}'s tokenizer.json")
+    return base, base_cfg["arch"], dict(base_cfg["model"])
+
+
 def pretrain(
     data: DataConfig = DataConfig(),
     arch: str = "gpt",
@@ -78,6 +91,7 @@ def pretrain(
     name: Optional[str] = None,
     runs_dir: str = "runs",
     resume: Optional[str] = None,
+    init_from: Optional[str] = None,
 ) -> dict[str, Any]:
     """Pretrain a model on prepared token shards.
 
@@ -91,6 +105,10 @@ def pretrain(
         name: run name; outputs go to RUNS_DIR/NAME (default: ARCH-OBJECTIVE-TIMESTAMP).
         runs_dir: where run directories are created.
         resume: continue a stopped run exactly: 'latest' (this run's newest checkpoint) or a checkpoint path.
+        init_from: start from pretrained weights instead of a random init: an lmforge run or checkpoint
+            directory, a transformers directory or a named source (`minilm-l6`). Its arch and model
+            config are used (`--arch`/`--model.*` must not be given), and the data must have been
+            prepared with its tokenizer.
     """
     from lmforge.data.shards import open_prepared
     from lmforge.models import build_model
@@ -111,6 +129,9 @@ def pretrain(
         train_cfg = replace(train_cfg, device=f"cuda:{local_rank}")
 
     train_split, val_split, tokenizer = open_prepared(data.path)
+    base = None
+    if init_from is not None:
+        base, arch, model = _load_base(init_from, tokenizer, model)
     model_cfg, seq_len = resolve_model_config(arch, model, tokenizer.vocab_size, data.seq_len)
     name = name or f"{arch}-{objective.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(runs_dir) / name
@@ -135,6 +156,9 @@ def pretrain(
 
     torch.manual_seed(train_cfg.seed)
     net = build_model(arch, model_cfg)
+    if base is not None:
+        net.load_state_dict(base.state_dict())
+        run_config["init_from"] = str(init_from)
     if rank == 0:
         from lmforge.config import save_yaml
 

@@ -30,7 +30,9 @@ def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # static_graph: objectives such as MLM (no NSP) and SimCSE leave some heads (pooler, NSP) without
+    # gradients; with a static graph DDP learns once which parameters are used and skips the rest.
+    return DistributedDataParallel(model, device_ids=ids, static_graph=True)
 
 
 def apply_compile(model: nn.Module, **kwargs) -> nn.Module:
