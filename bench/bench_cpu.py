@@ -172,13 +172,13 @@ def gpt_char_contenders(args) -> dict[str, Callable[[], Contender]]:
 
         return CLMBatcher(train, None, seq_len=64, batch_size=12, seed=0)
 
-    def lmforge(bias: bool, activation: str, compile: bool = False):
+    def lmforge(bias: bool, activation: str, compile: bool = False, position: str = "learned"):
         def build():
             from lmforge.models import build_model
             from lmforge.train.clm import CLMObjective
 
             torch.manual_seed(0)
-            model = build_model("gpt", dict(shape, bias=bias, activation=activation))
+            model = build_model("gpt", dict(shape, bias=bias, activation=activation, position=position))
             return Contender(lmforge_trainer(model, CLMObjective(), batcher(), 12, 1e-3, compile), 12 * 64, model)
         return build
 
@@ -199,8 +199,9 @@ def gpt_char_contenders(args) -> dict[str, Callable[[], Contender]]:
             return Contender(hf_train_step(model, batcher(), loss_of, 1e-3), 12 * 64, model)
         return build
 
-    out = {"lmforge GPT, nanoGPT's model (no biases, exact GELU)": lmforge(False, "gelu"),
-           "lmforge GPT, the shakespeare_char preset (no biases, tanh GELU)": lmforge(False, "gelu_tanh"),
+    out = {"lmforge GPT, nanoGPT's model (preset shakespeare_char_nanogpt: no biases, exact GELU)":
+               lmforge(False, "gelu"),
+           "lmforge GPT, preset shakespeare_char (the same with rotary positions)": lmforge(False, "gelu", position="rope"),
            "lmforge GPT, GPT-2's choices (biases, tanh GELU)": lmforge(True, "gelu_tanh")}
     if args.compile:
         out["lmforge GPT, nanoGPT's model, train.compile"] = lmforge(False, "gelu", compile=True)
@@ -594,7 +595,7 @@ def run_work(work: str, args) -> str | None:
         lines.append(f"| {name} | **{rates[name] * scale:,.{2 if scale < 1 else 0}f}** | {spread} | "
                      f"{rates[name] / rates[peer]:.2f}x | {mem} |")
     if work == "gpt_char":
-        ours = "lmforge GPT, nanoGPT's model (no biases, exact GELU)"
+        ours = next(name for name in contenders if "nanoGPT's model" in name)
         lines.append(f"\nnanoGPT's figure on this kind of machine (issue #5, its model: no biases, exact GELU): "
                      f"{NANOGPT_TOK_S:,} tokens/s; lmforge with the same model at {rates[ours] / NANOGPT_TOK_S:.2f}x of it. "
                      f"Apples to apples with transformers: lmforge (biases, tanh GELU) vs GPT2LMHeadModel = "
