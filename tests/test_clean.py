@@ -9,14 +9,9 @@ import pytest
 from lmforge.errors import ConfigError, DataError
 from lmforge.text.clean import clean, clean_documents, clean_text, read_documents
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from helpers import SHARED_DATA as DATA, need_shared as need
 
 
-def need(rel: str) -> Path:
-    path = DATA / rel
-    if not path.exists():
-        pytest.skip(f"shared data {path} not available")
-    return path
 
 
 def docs_of(paths, **kw) -> list[str]:

@@ -15,14 +15,6 @@ from lmforge.models.gpt import GPT, GPTConfig
 PROMPTS = [[3, 5, 7], [1, 2], [9, 9, 4, 2, 11], [6]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared, busy CPU more threads spin and stall (40x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(vocab=16, block=48, position="learned", seed=0, std=0.3) -> GPT:
     """A random tiny GPT with large weights, so that its outputs vary (default GPT-2 init is near-uniform)."""

@@ -14,14 +14,6 @@ from lmforge.models.layers import apply_rope, rope_angles
 TINY = dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, d_model=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared, busy CPU more threads spin and stall (40x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(**kw) -> GPT:
     torch.manual_seed(0)

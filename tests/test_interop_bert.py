@@ -2,9 +2,7 @@
 tokenizer ids, loading without missing/unexpected weights, and one-line errors for bad inputs."""
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import shutil
 
 import pytest
@@ -16,6 +14,7 @@ from lmforge.interop.hf import export_hf, load, load_hf
 from lmforge.interop.hf_tokenizer import load_hf_tokenizer
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.train.checkpoint import load_pretrained
+from helpers import transformers_warnings
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,30 +31,6 @@ OURS_TINY = dict(vocab_size=len(VOCAB), max_position=24, n_layer=2, n_head=4, d_
                  dropout=0.0, attn_dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@contextlib.contextmanager
-def transformers_warnings():
-    """Collect what transformers logs at WARNING or above (its load reports are warnings)."""
-    records: list[str] = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    logger = logging.getLogger("transformers")
-    handler = Grab(logging.WARNING)
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> None:

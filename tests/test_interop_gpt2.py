@@ -2,9 +2,7 @@
 greedy generation token for token, byte-level BPE ids, clean loading of exports, errors."""
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import shutil
 
 import pytest
@@ -16,6 +14,7 @@ from lmforge.interop.hf import export_hf, load_hf
 from lmforge.interop.hf_tokenizer import load_hf_tokenizer
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.text.tokenizer import train_tokenizer
+from helpers import transformers_warnings
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,29 +24,6 @@ CORPUS = ["The quick brown fox jumps over the lazy dog. Hello world!",
 TEXTS = ["Hello world, the quick fox!", "北京是中国的首都。", "  spaces\tand\nnewlines <|endoftext|> end", "naïve café 🙂"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@contextlib.contextmanager
-def transformers_warnings():
-    records: list[str] = []
-
-    class Grab(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    logger = logging.getLogger("transformers")
-    handler = Grab(logging.WARNING)
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 def perturb(model, seed=0):

@@ -26,13 +26,6 @@ installed = importlib.util.find_spec(minilm.PACKAGE) is not None
 needs_package = pytest.mark.skipif(not installed, reason=f"{minilm.DISTRIBUTION} not installed (pip install -e '.[dev]')")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def embed(model, tok, texts, batch_size=64):
     """sentence-transformers' pipeline for this model: mean pooling, L2 norm, at most 256 tokens."""

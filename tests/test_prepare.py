@@ -11,14 +11,9 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.text.clean import read_documents
 from lmforge.text.tokenizer import Tokenizer, build_char, train_tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from helpers import SHARED_DATA as DATA, need_shared as need
 
 
-def need(rel: str) -> Path:
-    path = DATA / rel
-    if not path.exists():
-        pytest.skip(f"shared data {path} not available")
-    return path
 
 
 def make_docs(n: int) -> list[str]:
