@@ -34,7 +34,7 @@ def char_tokens() -> tuple[np.ndarray, int, str]:
     return rng.integers(0, 65, 1_000_000).astype(np.uint16), 65, "random tokens (../shared absent)"
 
 
-def lmforge_step_fn(tokens, vocab, args, bias: bool):
+def lmforge_step_fn(tokens, vocab, args, bias: bool, **model_kw):
     from lmforge.data.clm import CLMBatcher
     from lmforge.models import build_model
     from lmforge.train.clm import CLMObjective
@@ -43,7 +43,7 @@ def lmforge_step_fn(tokens, vocab, args, bias: bool):
 
     torch.manual_seed(0)
     model = build_model("gpt", dict(vocab_size=vocab, block_size=args.block, n_layer=4, n_head=4, d_model=128,
-                                    dropout=0.0, bias=bias))
+                                    dropout=0.0, bias=bias, **model_kw))
     batcher = CLMBatcher(SimpleNamespace(tokens=tokens), None, seq_len=args.block, batch_size=args.batch, seed=0)
     cfg = TrainConfig(max_steps=10**6, batch_size=args.batch, lr=1e-3, warmup_steps=0, tensorboard=False,
                       progress=False, compile=args.compile)
@@ -109,8 +109,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tokens, vocab, source = char_tokens()
     contenders = {
-        "lmforge (bias=False, the preset)": lmforge_step_fn(tokens, vocab, args, bias=False),
-        "lmforge (bias=True, = GPT-2)": lmforge_step_fn(tokens, vocab, args, bias=True),
+        "lmforge, preset shakespeare_char (no bias, exact GELU, rope)":
+            lmforge_step_fn(tokens, vocab, args, bias=False, activation="gelu", position="rope"),
+        "lmforge, preset shakespeare_char_nanogpt (no bias, exact GELU)":
+            lmforge_step_fn(tokens, vocab, args, bias=False, activation="gelu"),
+        "lmforge, GPT-2's choices (bias, tanh GELU) = transformers' model":
+            lmforge_step_fn(tokens, vocab, args, bias=True),
         "transformers GPT2LMHeadModel": transformers_step_fn(tokens, vocab, args),
     }
     for step, _ in contenders.values():
