@@ -2,10 +2,11 @@
 
 Decoding one sequence at a time reads every weight matrix once per token and does little arithmetic
 with it, so its speed is set by memory bandwidth: storing the weights in fewer bytes is what makes it
-faster. `quantize_for_generation(model, weights)` swaps every `nn.Linear` of a model (the output head
-included, tied or not) for a module that keeps its weight in low precision, in place; everything else
-(embeddings, LayerNorms, the KV cache, the residual stream) stays as it was, so the model's code and
-calling conventions do not change. It is meant for inference: the new modules have no gradients.
+faster. `prepare_for_generation(model, weights)` (what `lmforge generate --weights ...` calls) swaps
+every `nn.Linear` of a model (the output head included, tied or not) for a module that keeps its weight
+in low precision, in place; everything else (embeddings, LayerNorms, the KV cache, the residual stream)
+stays as it was, so the model's code and calling conventions do not change. It is meant for inference:
+the new modules have no gradients. With 'fp32' (the default) only the weights' memory layout changes.
 
     weights   stored as                                  computed as
     'fp16'    IEEE half, 2 bytes (fbgemm's packed        fp32 activations x fp16 weights, fp32
