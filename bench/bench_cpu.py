@@ -414,6 +414,21 @@ def read_bandwidth_gbs(rounds: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def gemv_bound(model: torch.nn.Module) -> tuple[float, int]:
+    """(passes/s, layers): every Linear of `model` applied to one random row, as decoding one token does."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, m.in_features) for m in linears]
+
+    def one_pass():
+        for m, x in zip(linears, xs):
+            m(x)
+
+    with torch.inference_mode():
+        one_pass()
+        best = min(_timed(one_pass, 1) for _ in range(5))
+    return 1 / best, len(linears)
+
+
 def generation_extras(contenders: dict[str, Contender], rates: dict[str, float]) -> list[str]:
     """The fp32 ceiling (weight bytes per token / read bandwidth), agreement with transformers, and the
     weight-only options' distance from fp32."""
@@ -421,12 +436,16 @@ def generation_extras(contenders: dict[str, Contender], rates: dict[str, float])
     weight_bytes = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "wpe" not in n)
     bw = read_bandwidth_gbs()
     ceiling = bw * 1e9 / weight_bytes
+    gemv = gemv_bound(contenders["lmforge generate (fp32)"].model)
     outs = {name: c.run() for name, c in contenders.items()}
     ref = outs["lmforge generate (fp32)"]
     lines = ["", f"fp32 ceiling: {weight_bytes / 1e6:.0f} MB of weights read per token (position table aside) at "
              f"{bw:.1f} GB/s (measured: sum over 1 GiB, same threads) = **{ceiling:.1f} tokens/s**; lmforge fp32 runs "
              f"at **{rates['lmforge generate (fp32)'] / ceiling:.0%}** of it, transformers at "
-             f"{rates['transformers generate (fp32)'] / ceiling:.0%}.", ""]
+             f"{rates['transformers generate (fp32)'] / ceiling:.0%}. The fp32 matrix-vector products alone (the "
+             f"model's {gemv[1]} Linear layers, one row of activations each, nothing else; best of 5) run at "
+             f"{gemv[0]:.1f} passes/s = {gemv[0] / ceiling:.0%} of the ceiling ({gemv[0] * weight_bytes / 1e9:.1f} GB/s): "
+             f"that is where BLAS's fp32 GEMV stops on this machine.", ""]
     for name, out in outs.items():
         if name == "lmforge generate (fp32)":
             continue
