@@ -27,6 +27,7 @@ Threads: torch's default unless --threads; the count is printed and saved with t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -229,7 +230,8 @@ def char_loss_run(args) -> str:
     cfg = TrainConfig(max_steps=args.char_iters, batch_size=12, lr=1e-3, min_lr=1e-4, warmup_steps=100,
                       decay_steps=args.char_iters, eval_every=0, log_every=args.char_iters, tensorboard=False,
                       progress=False, device="cpu", seed=1337)
-    trainer = Trainer(model, CLMObjective(), batcher, cfg, CACHE / "char-loss", run_config={"arch": "gpt"})
+    trainer = Trainer(model, CLMObjective(), batcher, cfg, CACHE / "char-loss",
+                      run_config={"arch": "gpt", "model": dataclasses.asdict(model.config)})
     t = time.perf_counter()
     result = trainer.fit()
     total = time.perf_counter() - t
@@ -462,10 +464,18 @@ def quality_lines(args) -> list[str]:
 
     candidates = [Path(args.quality_model)] if args.quality_model else [CACHE / "char-loss",
                                                                          Path("runs/shakespeare_char")]
-    where = next((c for c in candidates if (c / "checkpoints").is_dir() or (c / "config.yaml").is_file()), None)
-    if where is None or not SHAKESPEARE.is_file():
+    from lmforge.errors import LmforgeError
+
+    ckpt = None
+    for c in candidates:
+        try:
+            ckpt = find_checkpoint(c)
+            load_pretrained(ckpt)
+            break
+        except LmforgeError:
+            ckpt = None
+    if ckpt is None or not SHAKESPEARE.is_file():
         return ["", "Quality on a trained model: skipped (no checkpoint; run --work gpt_char --char-loss first)."]
-    ckpt = find_checkpoint(where)
     text = SHAKESPEARE.read_text(encoding="utf-8")
     rows = []
     ref_tokens = None
