@@ -343,13 +343,15 @@ def gpt2_train_contenders(args) -> dict[str, Callable[[], Contender]]:
 
         return CLMBatcher(random_tokens(), None, seq_len=T, batch_size=B, seed=0)
 
-    def lmforge():
-        from lmforge.models import build_model
-        from lmforge.train.clm import CLMObjective
+    def lmforge(compile: bool = False):
+        def build():
+            from lmforge.models import build_model
+            from lmforge.train.clm import CLMObjective
 
-        torch.manual_seed(0)
-        model = build_model("gpt", dict(GPT2))
-        return Contender(lmforge_trainer(model, CLMObjective(), batcher(), B, 6e-4), B * T, model)
+            torch.manual_seed(0)
+            model = build_model("gpt", dict(GPT2))
+            return Contender(lmforge_trainer(model, CLMObjective(), batcher(), B, 6e-4, compile), B * T, model)
+        return build
 
     def hf():
         transformers = quiet_transformers()
@@ -362,7 +364,11 @@ def gpt2_train_contenders(args) -> dict[str, Callable[[], Contender]]:
 
         return Contender(hf_train_step(model, batcher(), loss_of, 6e-4), B * T, model)
 
-    return {"lmforge GPT (Trainer step)": lmforge, "transformers GPT2LMHeadModel": hf}
+    out = {"lmforge GPT (Trainer step)": lmforge()}
+    if args.compile:
+        out["lmforge GPT (Trainer step, train.compile)"] = lmforge(compile=True)
+    out["transformers GPT2LMHeadModel"] = hf
+    return out
 
 
 # ---- gpt2_generate -------------------------------------------------------------------------------------------
@@ -601,7 +607,8 @@ def run_work(work: str, args) -> str | None:
     t0 = time.perf_counter()
     contenders = {name: build() for name, build in builders.items()}
     for c in contenders.values():
-        _timed(c.run, warmup)
+        c.first_s = _timed(c.run, 1)  # the first call: compiles, when a contender compiles
+        _timed(c.run, warmup - 1)
     times = {name: [] for name in contenders}
     for _ in range(args.rounds):
         for name, c in contenders.items():
@@ -643,6 +650,8 @@ def run_work(work: str, args) -> str | None:
                               f"tokens greedy, KV cache",
              "prepare": f"prepare: imdb_unsup ({IMDB.stat().st_size / 1e6:.1f} MB) -> ids, WordPiece vocab 8000"}[work]
     per = {"gpt2_generate": "generate call", "prepare": "pass over the corpus"}.get(work, "step")
+    notes += [f"- {n}: the first {per} took {c.first_s:.1f} s (compiling included), later ones "
+              f"{statistics.median(times[n]) / steps:.2f} s" for n, c in contenders.items() if "compile" in n]
     body = "\n".join([f"{title}; {args.rounds} rounds x {steps} {per}{'s' if steps > 1 else ''} per contender, "
                       f"alternating; {torch.get_num_threads()} torch threads; 1-min load average "
                       f"{load_before:.2f} before, {load_after:.2f} after; {time.perf_counter() - t0:.0f} s", "",
@@ -667,7 +676,7 @@ def main() -> None:
                    help="gpt2_generate: trained run/checkpoint for the weights' quality check (default: the "
                         "--char-loss run's, else runs/shakespeare_char)")
     p.add_argument("--bert-mb", type=float, default=4.0, help="MB of imdb_unsup for the BERT tokenizer and data")
-    p.add_argument("--compile", action="store_true", help="gpt_char: also lmforge with train.compile")
+    p.add_argument("--compile", action="store_true", help="gpt_char, gpt2_train: also lmforge with train.compile")
     p.add_argument("--char-loss", action="store_true", help="gpt_char: also nanoGPT's full run, val loss")
     p.add_argument("--char-iters", type=int, default=2000)
     p.add_argument("--char-activation", default="gelu", choices=("gelu", "gelu_tanh"),
@@ -678,7 +687,7 @@ def main() -> None:
     p.add_argument("--child", nargs=2, metavar=("WORK", "CONTENDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.passthrough = [a for k in ("gpt2_seq", "gpt2_batch", "new_tokens", "prompt_len", "bert_mb")
-                        for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+                        for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))] + ["--compile"] * args.compile
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
