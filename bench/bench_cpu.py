@@ -1,7 +1,7 @@
 """CPU benchmark suite (issue #5): lmforge and Hugging Face `transformers` side by side on the same
 shapes and the same batches, in one invocation.
 
-    python bench/bench_cpu.py                              # every work, default lengths (~10 minutes)
+    python bench/bench_cpu.py                              # every work, default lengths (~20 minutes on 2 cores)
     python bench/bench_cpu.py --work gpt2_generate --rounds 5 --append
     python bench/bench_cpu.py --work gpt_char --char-loss  # + the 2000-iteration run: val loss vs nanoGPT's
 
