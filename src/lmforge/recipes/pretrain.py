@@ -155,9 +155,8 @@ def pretrain(
     batcher, obj = builder(ctx)
 
     torch.manual_seed(train_cfg.seed)
-    net = build_model(arch, model_cfg)
+    net = build_model(arch, model_cfg) if base is None else base  # base: already built and loaded
     if base is not None:
-        net.load_state_dict(base.state_dict())
         run_config["init_from"] = str(init_from)
     if rank == 0:
         from lmforge.config import save_yaml

@@ -1,5 +1,5 @@
-"""Scale-out and speed-ups applied to a plain model from the outside (model files never import
-torch.distributed): process-group setup under `torchrun`, DDP wrapping, torch.compile."""
+"""Scale-out and memory options applied to a plain model from the outside (model files never import
+torch.distributed): process-group setup under `torchrun`, DDP wrapping, activation checkpointing."""
 from __future__ import annotations
 
 import os
@@ -35,10 +35,6 @@ def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, static_graph=True)
 
 
-def apply_compile(model: nn.Module, **kwargs) -> nn.Module:
-    """torch.compile the model (Inductor: fused Triton kernels on CUDA, C++/OpenMP on CPU)."""
-    return torch.compile(model, **kwargs)
-
 
 def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
     """Trade compute for memory: recompute the activations inside Transformer blocks during backward
@@ -48,7 +44,7 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Modul
     `transformer.h`, BERT's `encoder.layer`); every `every`-th one (the first included) is wrapped in
     place with PyTorch's non-reentrant checkpoint wrapper, which keeps the parameter names of
     `state_dict()` unchanged and restores the RNG state for the recomputation, so dropout draws the same
-    masks and the gradients equal those of the plain model. Apply it before `apply_ddp`/`apply_compile`.
+    masks and the gradients equal those of the plain model. Apply it before `apply_ddp` (torch.compile is applied by the trainer, to the whole loss).
 
     Args:
         model: a plain lmforge model (GPT, Bert, ...), changed in place.
