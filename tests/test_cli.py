@@ -144,3 +144,39 @@ def test_init_from_starts_at_the_base_model(tiny_data, tmp_path):
     assert tuned["val"]["loss"] == pytest.approx(base["val"]["loss"], abs=1e-6)
     with pytest.raises(ConfigError, match="do not also give --model"):
         pretrain(data=data, model={"n_layer": 2}, train=train, runs_dir=str(tmp_path), name="x", init_from=base["checkpoint"])
+
+
+def test_activation_checkpointing_option_trains_identically(tiny_data, tmp_path):
+    """train.activation_checkpointing recomputes block activations in backward: with dropout on, the losses,
+    validation and saved weights equal the plain run's bit for bit; resuming such a run works; LSTM and
+    negative values are refused clearly."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lmforge.errors import ConfigError
+    from lmforge.recipes.pretrain import DataConfig, pretrain
+    from lmforge.train.config import TrainConfig
+
+    data = DataConfig(path=str(tiny_data / "prep"), seq_len=32)
+    model = {"n_layer": 2, "n_head": 2, "d_model": 32, "dropout": 0.2}
+
+    def run(name, steps, every, resume=None):
+        train = TrainConfig(max_steps=steps, batch_size=4, eval_every=0, log_every=1, save_every=3, progress=False,
+                            tensorboard=False, device="cpu", activation_checkpointing=every)
+        return pretrain(data=data, model=model, train=train, runs_dir=str(tmp_path), name=name, resume=resume)
+
+    plain, ckpt = run("plain", 6, 0), run("ckpt", 6, 1)
+    assert ckpt["val"] == plain["val"]
+    train_losses = [[json.loads(l)["loss"] for l in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
+                     if json.loads(l)["split"] == "train"] for n in ("plain", "ckpt")]
+    assert train_losses[0] == train_losses[1] and len(train_losses[0]) == 6
+    a, b = load_file(f"{plain['checkpoint']}/model.safetensors"), load_file(f"{ckpt['checkpoint']}/model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = run("ckpt", 8, 2, resume="latest")
+    assert resumed["step"] == 8
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        TrainConfig(activation_checkpointing=-1)
+    with pytest.raises(ConfigError, match="arch lstm has no Transformer blocks"):
+        pretrain(data=data, arch="lstm", train=TrainConfig(max_steps=1, device="cpu", activation_checkpointing=1),
+                 runs_dir=str(tmp_path), name="lstm")

@@ -112,7 +112,7 @@ def pretrain(
     """
     from lmforge.data.shards import open_prepared
     from lmforge.models import build_model
-    from lmforge.train.distributed import apply_ddp, setup_distributed
+    from lmforge.train.distributed import apply_activation_checkpointing, apply_ddp, setup_distributed
     from lmforge.train.protocols import ObjectiveContext
     from lmforge.train.trainer import Trainer, resolve_device
 
@@ -158,6 +158,11 @@ def pretrain(
     net = build_model(arch, model_cfg) if base is None else base  # base: already built and loaded
     if base is not None:
         run_config["init_from"] = str(init_from)
+    if train_cfg.activation_checkpointing:
+        try:
+            apply_activation_checkpointing(net, every=train_cfg.activation_checkpointing)
+        except ValueError:
+            raise ConfigError(f"train.activation_checkpointing: arch {arch} has no Transformer blocks to checkpoint") from None
     if rank == 0:
         from lmforge.config import save_yaml
 

@@ -33,7 +33,10 @@ class TrainConfig:
         seed: seeds model init, data order and dropout; a run is reproducible from it.
         device: 'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ...
         precision: 'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'.
-        compile: wrap the model with torch.compile.
+        compile: compile the whole loss (model forward + objective) with torch.compile.
+        activation_checkpointing: recompute the activations of Transformer blocks during backward instead
+            of keeping them (less memory, about a third more compute): 0 off, 1 every block, N every
+            N-th block.
         threads: CPU threads for torch (None: torch's default).
         tensorboard: also write TensorBoard event files.
         progress: show a progress bar.
@@ -61,6 +64,7 @@ class TrainConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    activation_checkpointing: int = 0
     threads: Optional[int] = None
     tensorboard: bool = True
     progress: bool = True
@@ -71,5 +75,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got {self.lr}, {self.min_lr})")
+        if self.activation_checkpointing < 0:
+            raise ConfigError(f"train.activation_checkpointing must be 0 (off) or N >= 1 (every N-th block), "
+                              f"got {self.activation_checkpointing}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
