@@ -12,7 +12,7 @@ from torch import nn
 from lmforge.generation import generate
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.quantize import prepare_for_generation
+from lmforge.quantize import ChunkedLinear, _chunks_for, prepare_for_generation
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import apply_activation_checkpointing
 from lmforge.train.trainer import build_optimizer
@@ -99,6 +99,50 @@ def test_decoding_layout_keeps_values_names_and_tokens(bias):
     assert generate(fast, prompts, max_new_tokens=15) == generate(plain, prompts, max_new_tokens=15)
     assert generate(fast, prompts, max_new_tokens=6, num_beams=2) == generate(plain, prompts, max_new_tokens=6,
                                                                                num_beams=2)
+
+
+@pytest.mark.parametrize("chunks", [2, 3, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_linear_equals_linear(chunks, bias):
+    torch.manual_seed(chunks)
+    linear = nn.Linear(48, 96, bias=bias)
+    fast = ChunkedLinear(linear, chunks)
+    assert fast.weight is linear.weight and fast.bias is linear.bias  # shared, not copied
+    for shape in [(1, 48), (5, 48), (2, 7, 48), (48,)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(fast(x), F.linear(x, linear.weight, linear.bias), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="out % chunks"):
+        ChunkedLinear(nn.Linear(48, 97), 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        ChunkedLinear(nn.Linear(48, 96), 1)
+
+
+def test_chunk_count_divides_and_keeps_blocks_large():
+    assert _chunks_for(2304, 2) == 2 and _chunks_for(3072, 4) == 4 and _chunks_for(768, 16) == 6
+    assert _chunks_for(50257, 2) == 1  # no even split: the column-major single GEMV instead
+    assert _chunks_for(96, 2) == 1 and _chunks_for(2304, 1) == 1
+
+
+def test_decoding_on_several_threads_chunks_layers_and_keeps_tokens():
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(vocab_size=301, block_size=32, n_layer=2, n_head=4, d_model=256)).eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast = prepare_for_generation(copy.deepcopy(plain), "fp32")
+    finally:
+        torch.set_num_threads(threads)
+    assert isinstance(fast.transformer.h[0].attn.c_attn, ChunkedLinear)  # 768 rows: 2 blocks of 384
+    assert isinstance(fast.transformer.h[0].mlp.c_fc, ChunkedLinear)
+    assert fast.lm_head.weight is fast.transformer.wte.weight  # 301 rows: no even split, still tied
+    assert not fast.lm_head.weight.is_contiguous()  # column-major instead
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), plain.state_dict().values()))
+    ids = torch.randint(0, 301, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), plain(ids))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    assert generate(fast, prompts, max_new_tokens=15) == generate(plain, prompts, max_new_tokens=15)
 
 
 # ---- training ----------------------------------------------------------------------------------------------
