@@ -99,16 +99,11 @@ def _is_bool(tp) -> bool:
     return tp is bool or (bool in typing.get_args(tp) and not _is_list(tp))
 
 
-def _normalise_args(func, args: list[str]) -> list[str]:
-    """Make the shell-friendly forms work: `verb a.txt b.txt` (a list positional), `--prompt x
-    --prompt y` (repeated list flags), and a bare boolean flag `--compile` (= `--compile true`)."""
-    import inspect
-    import json
-
-    types = _param_types(func)
-    params = list(inspect.signature(func).parameters.values())
-    first = params[0] if params else None
-    list_positional = (first is not None and first.default is inspect.Parameter.empty and _is_list(types.get(first.name)))
+def _scan_args(args: list[str], types: dict) -> tuple[list[str], list[tuple[str, str | None]], dict[str, list[str]]]:
+    """Split a command line into (positionals, flags as (name, value), values of repeated list flags).
+    A flag's value is None when absent, 'true' for a bare boolean flag, and '\0' marks a short option
+    (`-h`) passed through as is; a list flag given as plain values (`--prompt x --prompt y`) is collected
+    into `repeated[name]` and appears once in `flags`."""
     positionals: list[str] = []
     flags: list[tuple[str, str | None]] = []
     repeated: dict[str, list[str]] = {}
@@ -121,11 +116,9 @@ def _normalise_args(func, args: list[str]) -> list[str]:
             if eq:
                 i += 1
             elif i + 1 < len(args) and not (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
-                value = args[i + 1]
-                i += 2
+                value, i = args[i + 1], i + 2
             else:
-                value = "true" if tp is not None and _is_bool(tp) else None
-                i += 1
+                value, i = ("true" if tp is not None and _is_bool(tp) else None), i + 1
             if tp is not None and _is_list(tp) and value is not None and not value.lstrip().startswith("["):
                 if name not in repeated:
                     repeated[name] = []
@@ -139,25 +132,38 @@ def _normalise_args(func, args: list[str]) -> list[str]:
         else:
             positionals.append(a)
             i += 1
-    # Required parameters are positional for jsonargparse; accept them as flags too (`--out DIR`).
+    return positionals, flags, repeated
+
+
+def _normalise_args(func, args: list[str]) -> list[str]:
+    """Make the shell-friendly forms work: `verb a.txt b.txt` (a list positional), `--prompt x
+    --prompt y` (repeated list flags), a bare boolean flag `--compile` (= `--compile true`), and required
+    parameters given as flags (`--out DIR`; jsonargparse takes them only as positionals)."""
+    import inspect
+    import json
+
+    types = _param_types(func)
+    params = list(inspect.signature(func).parameters.values())
+    positionals, flags, repeated = _scan_args(args, types)
     required = [p.name for p in params if p.default is inspect.Parameter.empty
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    # required parameters given as flags (or as repeated list flags) take their place among the positionals
     given = {name: value for name, value in flags if name in required and value != "\0"}
+    given.update({name: json.dumps(repeated.pop(name)) for name in list(repeated) if name in required})
     flags = [(n, v) for n, v in flags if n not in given]
-    for name in list(repeated):
-        if name in required:
-            given[name] = json.dumps(repeated.pop(name))
+    # the first parameter, when it is a required list, takes every bare value the later required ones leave
+    list_first = bool(required) and required[0] == params[0].name and _is_list(types.get(params[0].name))
     out: list[str] = []
     rest = list(positionals)
     for name in required:
         if name in given:
             out.append(given[name])
-        elif list_positional and name == first.name and rest and rest[0].lstrip().startswith("["):
-            out.append(rest.pop(0))  # already a JSON/YAML list: '[a.txt, b.txt]'
-        elif list_positional and name == first.name and rest:
-            out.append(json.dumps(rest if len(required) == 1 else rest[: max(1, len(rest) - (len(required) - 1 - len(given)))]))
-            rest = rest[len(json.loads(out[-1])):]
-        elif rest:
+        elif list_first and name == required[0] and rest and not rest[0].lstrip().startswith("["):
+            later_missing = sum(1 for n in required[1:] if n not in given)
+            take = len(rest) if later_missing == 0 else max(1, len(rest) - later_missing)
+            out.append(json.dumps(rest[:take]))
+            rest = rest[take:]
+        elif rest:  # one value (for a list: already a JSON/YAML list such as '[a.txt, b.txt]')
             out.append(rest.pop(0))
     out.extend(rest)
     for name, value in flags:

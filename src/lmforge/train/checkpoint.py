@@ -99,8 +99,12 @@ def load_model_state(model: nn.Module, ckpt: Path) -> None:
     target.load_state_dict(state, strict=True)
 
 
-def load_config(ckpt: str | Path) -> dict[str, Any]:
-    ckpt = find_checkpoint(ckpt)
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The run config saved with a checkpoint (a checkpoint directory, or a run's newest checkpoint)."""
+    return _read_config(find_checkpoint(path))
+
+
+def _read_config(ckpt: Path) -> dict[str, Any]:
     cfg = load_yaml(ckpt / "config.yaml")
     if "arch" not in cfg or "model" not in cfg:
         raise CheckpointError(f"{ckpt / 'config.yaml'}: missing 'arch' or 'model' section")
@@ -113,7 +117,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     from lmforge.text.tokenizer import Tokenizer
 
     ckpt = find_checkpoint(path)
-    cfg = load_config(ckpt)
+    cfg = _read_config(ckpt)
     model = build_model(cfg["arch"], cfg["model"])
     load_model_state(model, ckpt)
     if not (ckpt / "tokenizer.json").is_file():
