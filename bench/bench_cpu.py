@@ -47,7 +47,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from common import append_results
+from common import append_results, markdown_table
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
@@ -502,10 +502,10 @@ def quality_lines(args) -> list[str]:
         same = next((i for i, (a, b) in enumerate(zip(out, ref_tokens)) if a != b), len(ref_tokens))
         rows.append((weights, nll, same))
     base = rows[0][1]
-    lines = ["", f"Quality on a trained model ({ckpt}; held-out = the last 10% of tinyshakespeare):", "",
-             "| weights | val loss | perplexity change | greedy tokens equal to fp32 |", "|---|---|---|---|"]
-    lines += [f"| {w} | {nll:.4f} | {math.exp(nll - base) - 1:+.3%} | {same} of {len(ref_tokens)} |"
-              for w, nll, same in rows]
+    lines = ["", f"Quality on a trained model ({ckpt}; held-out = the last 10% of tinyshakespeare):", ""]
+    lines += markdown_table(["weights", "val loss", "perplexity change", "greedy tokens equal to fp32"],
+                            [[w, f"{nll:.4f}", f"{math.exp(nll - base) - 1:+.3%}", f"{same} of {len(ref_tokens)}"]
+                             for w, nll, same in rows])
     return lines
 
 
@@ -620,16 +620,15 @@ def run_work(work: str, args) -> str | None:
     scale = 1e-6 if work == "prepare" else 1.0
     memory = {name: child_memory(work, name, args) for name in contenders} if args.memory else {}
 
-    head = f"| contender | {unit} (median) | rounds | vs {peer.split()[0]} | peak RSS | over base |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    digits = 2 if scale < 1 else 0
+    rows = []
     for name in contenders:
-        spread = ", ".join(f"{contenders[name].tokens * steps / t * scale:,.{2 if scale < 1 else 0}f}"
-                           for t in times[name])
+        spread = ", ".join(f"{contenders[name].tokens * steps / t * scale:,.{digits}f}" for t in times[name])
         m = memory.get(name, {})
-        mem = (f"{m['peak_mb']:,.0f} MB | {m['peak_mb'] - m['base_mb']:,.0f} MB" if "peak_mb" in m
-               else f"{m.get('error', 'not measured')} | ")
-        lines.append(f"| {name} | **{rates[name] * scale:,.{2 if scale < 1 else 0}f}** | {spread} | "
-                     f"{rates[name] / rates[peer]:.2f}x | {mem} |")
+        mem = ([f"{m['peak_mb']:,.0f} MB", f"{m['peak_mb'] - m['base_mb']:,.0f} MB"] if "peak_mb" in m
+               else [m.get("error", "not measured"), ""])
+        rows.append([name, f"**{rates[name] * scale:,.{digits}f}**", spread, f"{rates[name] / rates[peer]:.2f}x", *mem])
+    lines = markdown_table(["contender", f"{unit} (median)", "rounds", f"vs {peer.split()[0]}", "peak RSS", "over base"], rows)
     if work == "gpt_char":
         ours = next(name for name in contenders if "nanoGPT's model" in name)
         lines.append(f"\nnanoGPT's figure on this kind of machine (issue #5, its model: no biases, exact GELU): "

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import append_results
+from common import append_results, markdown_table
 
 
 def matmul_peak(dtype=torch.bfloat16, n=8192, iters=30) -> float:
@@ -133,10 +133,10 @@ def main() -> None:
     ref = rows[1][3]
     lines = [f"GPT-2 124M shape, bf16 autocast, batch {args.batch} x seq {args.seq}, "
              f"compile {'off' if args.no_compile else 'on'}, {args.steps} timed steps; "
-             f"measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s", "",
-             "| contender | params | ms/step | tokens/s | MFU | peak memory | vs transformers |", "|---|---|---|---|---|---|---|"]
-    for name, n, dt, tps, mfu, mem in rows:
-        lines.append(f"| {name} | {n / 1e6:.1f}M | {dt * 1e3:.1f} | {tps:,.0f} | {mfu:.1%} | {mem:.1f} GiB | {tps / ref:.2f}x |")
+             f"measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s", ""]
+    lines += markdown_table(["contender", "params", "ms/step", "tokens/s", "MFU", "peak memory", "vs transformers"],
+                            [[name, f"{n / 1e6:.1f}M", f"{dt * 1e3:.1f}", f"{tps:,.0f}", f"{mfu:.1%}", f"{mem:.1f} GiB",
+                              f"{tps / ref:.2f}x"] for name, n, dt, tps, mfu, mem in rows])
     text = "\n".join(lines)
     print(text)
     if args.append:

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import append_results, machine_line
+from common import append_results, machine_line, markdown_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -128,10 +128,10 @@ def main() -> None:
     ref = rates["transformers GPT2LMHeadModel"]
     lines = [f"GPT char-level ({source}), 4 layers x 128, 4 heads, block {args.block}, batch {args.batch}, "
              f"{args.rounds} rounds x {args.steps} steps, median",
-             "", "| contender | params | tokens/s | vs transformers | vs nanoGPT (24,900, issue #5) |", "|---|---|---|---|---|"]
-    for name, (_, model) in contenders.items():
-        n = sum(p.numel() for p in model.parameters())
-        lines.append(f"| {name} | {n / 1e6:.3f}M | {rates[name]:,.0f} | {rates[name] / ref:.2f}x | {rates[name] / 24900:.2f}x |")
+             ""]
+    rows = [[name, f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M", f"{rates[name]:,.0f}",
+             f"{rates[name] / ref:.2f}x", f"{rates[name] / 24900:.2f}x"] for name, (_, model) in contenders.items()]
+    lines += markdown_table(["contender", "params", "tokens/s", "vs transformers", "vs nanoGPT (24,900, issue #5)"], rows)
     text = "\n".join(lines)
     print(text)
     if args.append:

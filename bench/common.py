@@ -32,6 +32,12 @@ def machine_line() -> str:
             f"{', '.join(versions)}, {torch.get_num_threads()} torch threads")
 
 
+def markdown_table(header: list[str], rows: list[list[object]]) -> list[str]:
+    """The lines of a Markdown table: a header row, the separator, one line per row."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def append_results(title: str, body: str) -> None:
     """Append a dated section to bench/RESULTS.md."""
     today = datetime.date.today().isoformat()
