@@ -23,11 +23,18 @@ RSS" is the mark after that, "over base" the same less the RSS before the build 
 state, activations and workspace of that contender alone). Run it on a quiet machine (the 1-minute
 load average is printed with each work): on a shared 2-core machine other processes change the figures.
 Threads: torch's default unless --threads; the count is printed and saved with the results.
+
+litgpt as a further peer (gpt_char, gpt2_generate), when importable: its dependencies (lightning, an older
+huggingface_hub) conflict with transformers', so install it into a venv of its own and point at that
+venv's site-packages; only its model and generate code are used, the same torch runs everything:
+    python3 -m venv /tmp/litvenv && /tmp/litvenv/bin/pip install torch==2.13.0 litgpt
+    python bench/bench_cpu.py --peer-path /tmp/litvenv/lib/python3.11/site-packages
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import gc
 import json
 import math
@@ -54,6 +61,8 @@ SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
 IMDB = SHARED / "imdb_unsup" / "imdb_unsup_even.txt"
 CACHE = Path(tempfile.gettempdir()) / "lmforge-bench-cpu"
 NANOGPT_TOK_S, NANOGPT_VAL_LOSS = 24_900, 1.886  # issue #5's table (2 cores, torch 2.13, 2026-11-23)
+LITGPT_CHAR = "litgpt GPT (rotary, no biases, exact GELU: preset shakespeare_char's model)"
+LITGPT_GEN = "litgpt generate (fp32)"
 WORKS = ("gpt_char", "bert_mlm", "gpt2_train", "gpt2_generate", "prepare")
 
 
@@ -108,6 +117,23 @@ def quiet_transformers():
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     return transformers
+
+
+def have_litgpt() -> bool:
+    return importlib.util.find_spec("litgpt") is not None
+
+
+def litgpt_model(**kw) -> torch.nn.Module:
+    """litgpt's GPT with a GPT-2-like block (LayerNorm, sequential residual, GELU MLP); litgpt always
+    uses rotary positions (here on the whole head) and keeps an untied output head."""
+    warnings.filterwarnings("ignore")
+    from litgpt.config import Config
+    from litgpt.model import GPT as LitGPT
+
+    kw.setdefault("padded_vocab_size", kw["vocab_size"])
+    cfg = Config(name="bench", rotary_percentage=1.0, parallel_residual=False, norm_class_name="LayerNorm",
+                 mlp_class_name="GptNeoxMLP", **kw)
+    return LitGPT(cfg)
 
 
 def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
@@ -208,6 +234,19 @@ def gpt_char_contenders(args) -> dict[str, Callable[[], Contender]]:
         out["lmforge GPT, nanoGPT's model, train.compile"] = lmforge(False, "gelu", compile=True)
     out["transformers GPT2LMHeadModel (GPT-2's choices: biases, tanh GELU)"] = hf("gelu_new")
     out["transformers GPT2LMHeadModel, exact GELU (biases)"] = hf("gelu")
+    if have_litgpt():
+        def lit():
+            torch.manual_seed(0)
+            model = litgpt_model(vocab_size=vocab, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False,
+                                 intermediate_size=512, gelu_approximate="none")
+
+            def loss_of(m, b):
+                return torch.nn.functional.cross_entropy(m(b["input_ids"]).flatten(0, 1), b["labels"].flatten())
+
+            return Contender(hf_train_step(model, batcher(), loss_of, 1e-3), 12 * 64, model,
+                             note="litgpt's GPT, the model of preset shakespeare_char (rotary positions, no biases, "
+                                  "exact GELU; its output head untied: +8k parameters), the same plain loop as transformers'")
+        out[LITGPT_CHAR] = lit
     return out
 
 
@@ -406,12 +445,31 @@ def gpt2_generate_contenders(args) -> dict[str, Callable[[], Contender]]:
 
         return Contender(run, N, model)
 
-    return {"lmforge generate (fp32, plain model)": lmforge(None),
-            "lmforge generate (fp32)": lmforge("fp32"),
-            "lmforge generate (--weights fp16)": lmforge("fp16"),
-            "lmforge generate (--weights bf16)": lmforge("bf16"),
-            "lmforge generate (--weights int8)": lmforge("int8"),
-            "transformers generate (fp32)": hf}
+    def lit():
+        from litgpt.generate.base import generate as lit_generate
+
+        torch.manual_seed(0)
+        model = litgpt_model(vocab_size=GPT2["vocab_size"], block_size=1024, n_layer=12, n_head=12, n_embd=768,
+                             bias=True, intermediate_size=3072, gelu_approximate="tanh").eval()
+        model.max_seq_length = P + N
+        model.set_kv_cache(batch_size=1)
+
+        def run():  # temperature 0: greedy (litgpt's own loop, its KV cache)
+            with torch.inference_mode():
+                return lit_generate(model, prompt[0], P + N, temperature=0.0, include_prompt=False).tolist()
+
+        return Contender(run, N, model, note="litgpt's GPT-2-shaped model (rotary positions, untied head: the same "
+                                             "495 MB of weights read per token), its `generate` with its KV cache")
+
+    out = {"lmforge generate (fp32, plain model)": lmforge(None),
+           "lmforge generate (fp32)": lmforge("fp32"),
+           "lmforge generate (--weights fp16)": lmforge("fp16"),
+           "lmforge generate (--weights bf16)": lmforge("bf16"),
+           "lmforge generate (--weights int8)": lmforge("int8"),
+           "transformers generate (fp32)": hf}
+    if have_litgpt():
+        out[LITGPT_GEN] = lit
+    return out
 
 
 def read_bandwidth_gbs(rounds: int = 5) -> float:
@@ -586,6 +644,8 @@ def run_child(work: str, name: str, args) -> None:
     import lmforge.train.trainer  # noqa: F401  (imports before the baseline too)
     if "transformers" in name:
         quiet_transformers()
+    if name.startswith("litgpt"):
+        import litgpt.model  # noqa: F401
     gc.collect()
     reset = reset_peak_rss()
     base = rss_mb()
@@ -635,9 +695,17 @@ def run_work(work: str, args) -> str | None:
                      f"{NANOGPT_TOK_S:,} tokens/s; lmforge with the same model at {rates[ours] / NANOGPT_TOK_S:.2f}x of it. "
                      f"Apples to apples with transformers: lmforge (biases, tanh GELU) vs GPT2LMHeadModel = "
                      f"{rates['lmforge GPT, GPT-2' + chr(39) + 's choices (biases, tanh GELU)'] / rates[peer]:.2f}x.")
+        if LITGPT_CHAR in rates:
+            rope = next(name for name in contenders if "preset shakespeare_char (" in name)
+            lines.append(f"\nlmforge vs litgpt on the same model (rotary, no biases, exact GELU): "
+                         f"{rates[rope] / rates[LITGPT_CHAR]:.2f}x.")
         if args.char_loss:
             lines += ["", char_loss_run(args)]
     if work == "gpt2_generate":
+        if LITGPT_GEN in rates:
+            lines.append(f"\nlmforge fp32 vs litgpt fp32: {rates['lmforge generate (fp32)'] / rates[LITGPT_GEN]:.2f}x; "
+                         f"lmforge --weights fp16 vs litgpt fp32: "
+                         f"{rates['lmforge generate (--weights fp16)'] / rates[LITGPT_GEN]:.2f}x.")
         lines += generation_extras(contenders, rates)
         lines += quality_lines(args)
     notes = [f"- {n}: {c.note}" for n, c in contenders.items() if c.note]
@@ -683,10 +751,15 @@ def main() -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-RSS subprocesses")
     p.add_argument("--memory-steps", type=int, default=3, help="steps each memory subprocess runs")
     p.add_argument("--append", action="store_true", help="append the results to bench/RESULTS.md")
+    p.add_argument("--peer-path", action="append", default=[],
+                   help="a site-packages directory holding a peer (litgpt) whose dependencies conflict with "
+                        "this venv's; appended to sys.path (see the module docstring)")
     p.add_argument("--child", nargs=2, metavar=("WORK", "CONTENDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.passthrough = [a for k in ("gpt2_seq", "gpt2_batch", "new_tokens", "prompt_len", "bert_mb")
                         for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))] + ["--compile"] * args.compile
+    args.passthrough += [a for path in args.peer_path for a in ("--peer-path", path)]
+    sys.path.extend(args.peer_path)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
