@@ -22,6 +22,7 @@ VERBS: dict[str, str] = {
     "import": "lmforge.recipes.hub:import_",
     "export": "lmforge.recipes.hub:export",
     "embed": "lmforge.recipes.embed:embed",
+    "fill_mask": "lmforge.recipes.fill_mask:fill_mask",
     "attention": "lmforge.recipes.attention:attention",
 }
 
