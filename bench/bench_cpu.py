@@ -481,8 +481,11 @@ def read_bandwidth_gbs(rounds: int = 5) -> float:
 
 
 def gemv_bound(model: torch.nn.Module) -> tuple[float, int]:
-    """(passes/s, layers): every Linear of `model` applied to one random row, as decoding one token does."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    """(passes/s, layers): every Linear of `model` (as prepared for decoding: `ChunkedLinear` included)
+    applied to one random row, as decoding one token does, and nothing else."""
+    from lmforge.quantize import ChunkedLinear
+
+    linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, ChunkedLinear))]
     xs = [torch.randn(1, m.in_features) for m in linears]
 
     def one_pass():
@@ -511,9 +514,9 @@ def generation_extras(contenders: dict[str, Contender], rates: dict[str, float])
              f"{rates['transformers generate (fp32)'] / ceiling:.0%}. The fp32 matrix-vector products alone (the "
              f"model's {gemv[1]} Linear layers, one row of activations each, nothing else; best of 5) run at "
              f"{gemv[0]:.1f} passes/s = {gemv[0] / ceiling:.0%} of the ceiling ({gemv[0] * weight_bytes / 1e9:.1f} GB/s): "
-             f"that is where BLAS's fp32 GEMV stops on this machine.", ""]
+             f"that is as fast as this machine's BLAS reads fp32 weights for one row of activations.", ""]
     for name, out in outs.items():
-        if name == "lmforge generate (fp32)":
+        if name in ("lmforge generate (fp32)", LITGPT_GEN):  # litgpt: another model (rotary), other tokens
             continue
         same = next((i for i, (a, b) in enumerate(zip(out, ref)) if a != b), len(ref))
         lines.append(f"- {name}: greedy tokens equal to lmforge fp32 for the first {same} of {len(ref)}")
