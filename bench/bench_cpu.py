@@ -161,6 +161,14 @@ def lmforge_trainer(model, objective, batcher, batch_size: int, lr: float, compi
     return step
 
 
+def causal_lm_loss(m, b) -> torch.Tensor:
+    """Next-token cross-entropy of a peer's causal LM on a CLMBatcher batch (transformers models return
+    an output with `.logits`, litgpt's GPT the logits tensor itself)."""
+    out = m(b["input_ids"])
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten())
+
+
 def hf_train_step(model, batcher, loss_of, lr: float):
     """The plain loop around a transformers model: forward, loss, backward, clip, AdamW, zero_grad."""
     model.train()
@@ -218,12 +226,7 @@ def gpt_char_contenders(args) -> dict[str, Callable[[], Contender]]:
                                           eos_token_id=0, activation_function=activation)
             cfg._attn_implementation = "sdpa"
             model = transformers.GPT2LMHeadModel(cfg)
-
-            def loss_of(m, b):
-                logits = m(input_ids=b["input_ids"]).logits
-                return torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten())
-
-            return Contender(hf_train_step(model, batcher(), loss_of, 1e-3), 12 * 64, model)
+            return Contender(hf_train_step(model, batcher(), causal_lm_loss, 1e-3), 12 * 64, model)
         return build
 
     out = {"lmforge GPT, nanoGPT's model (preset shakespeare_char_nanogpt: no biases, exact GELU)":
@@ -239,11 +242,7 @@ def gpt_char_contenders(args) -> dict[str, Callable[[], Contender]]:
             torch.manual_seed(0)
             model = litgpt_model(vocab_size=vocab, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False,
                                  intermediate_size=512, gelu_approximate="none")
-
-            def loss_of(m, b):
-                return torch.nn.functional.cross_entropy(m(b["input_ids"]).flatten(0, 1), b["labels"].flatten())
-
-            return Contender(hf_train_step(model, batcher(), loss_of, 1e-3), 12 * 64, model,
+            return Contender(hf_train_step(model, batcher(), causal_lm_loss, 1e-3), 12 * 64, model,
                              note="litgpt's GPT, the model of preset shakespeare_char (rotary positions, no biases, "
                                   "exact GELU; its output head untied: +8k parameters), the same plain loop as transformers'")
         out[LITGPT_CHAR] = lit
@@ -396,12 +395,7 @@ def gpt2_train_contenders(args) -> dict[str, Callable[[], Contender]]:
         transformers = quiet_transformers()
         torch.manual_seed(0)
         model = hf_gpt2(transformers)
-
-        def loss_of(m, b):
-            logits = m(input_ids=b["input_ids"]).logits
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten())
-
-        return Contender(hf_train_step(model, batcher(), loss_of, 6e-4), B * T, model)
+        return Contender(hf_train_step(model, batcher(), causal_lm_loss, 6e-4), B * T, model)
 
     out = {"lmforge GPT (Trainer step)": lmforge()}
     if args.compile:

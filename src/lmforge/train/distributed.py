@@ -35,7 +35,6 @@ def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, static_graph=True)
 
 
-
 def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
     """Trade compute for memory: recompute the activations inside Transformer blocks during backward
     instead of keeping them from the forward pass (torchtitan's per-block activation checkpointing).
@@ -44,7 +43,8 @@ def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Modul
     `transformer.h`, BERT's `encoder.layer`); every `every`-th one (the first included) is wrapped in
     place with PyTorch's non-reentrant checkpoint wrapper, which keeps the parameter names of
     `state_dict()` unchanged and restores the RNG state for the recomputation, so dropout draws the same
-    masks and the gradients equal those of the plain model. Apply it before `apply_ddp` (torch.compile is applied by the trainer, to the whole loss).
+    masks and the gradients equal those of the plain model. Apply it before `apply_ddp` (torch.compile
+    is applied by the trainer, to the whole loss).
 
     Args:
         model: a plain lmforge model (GPT, Bert, ...), changed in place.
