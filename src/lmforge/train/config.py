@@ -40,6 +40,15 @@ class TrainConfig:
         threads: CPU threads for torch (None: torch's default).
         tensorboard: also write TensorBoard event files.
         progress: show a progress bar.
+        best_metric: keep the checkpoint with the best value of this evaluator metric (e.g. 'accuracy',
+            'f1', or 'loss'); None keeps only the newest checkpoints. Needs an evaluator (fine-tuning).
+        best_mode: 'max' (higher is better) or 'min'; 'auto' is 'min' for names containing 'loss' or
+            'ppl', else 'max'.
+        patience: stop after this many evaluations without an improvement of `best_metric` by more
+            than `min_delta` (0: never stop early). Independent of `keep_checkpoints`.
+        min_delta: the smallest change of `best_metric` that counts as an improvement.
+        layer_decay: layer-wise learning-rate decay: layer l of L gets lr * layer_decay**(L - l), the
+            embeddings lr * layer_decay**(L + 1), heads the full lr (1.0: off).
     """
 
     max_steps: int = 1000
@@ -68,6 +77,11 @@ class TrainConfig:
     threads: Optional[int] = None
     tensorboard: bool = True
     progress: bool = True
+    best_metric: Optional[str] = None
+    best_mode: Literal["auto", "max", "min"] = "auto"
+    patience: int = 0
+    min_delta: float = 0.0
+    layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum"):
@@ -78,5 +92,11 @@ class TrainConfig:
         if self.activation_checkpointing < 0:
             raise ConfigError(f"train.activation_checkpointing must be 0 (off) or N >= 1 (every N-th block), "
                               f"got {self.activation_checkpointing}")
+        if self.patience < 0 or self.min_delta < 0:
+            raise ConfigError(f"train.patience and train.min_delta must be >= 0, got {self.patience}, {self.min_delta}")
+        if self.patience and not self.best_metric:
+            raise ConfigError("train.patience needs train.best_metric (the dev metric early stopping watches)")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"train.layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
