@@ -82,6 +82,45 @@ def test_parity_with_bertmodel_attentions_and_pooler():
     assert (out.attentions[0][1, :, :, 7:] == 0).all()  # padding keys get no weight
 
 
+def test_encode_equals_bertmodel_last_hidden_state():
+    hf, ours = hf_pair()
+    model = transformers.BertModel(hf.config, add_pooling_layer=True).eval()
+    model.load_state_dict({k.removeprefix("bert."): v for k, v in hf.state_dict().items() if k.startswith("bert.")})
+    ids, mask, types = batch_with_padding()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        hidden = ours.encode(ids, attention_mask=mask, token_type_ids=types)
+        plain = ours.encode(ids)  # no mask, no segments: as transformers with its defaults
+        ref_plain = model(input_ids=ids).last_hidden_state
+    assert hidden.shape == (3, 11, 32)
+    torch.testing.assert_close(hidden, ref, atol=1e-5, rtol=1e-5)  # padded positions too
+    torch.testing.assert_close(plain, ref_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_of_pre_ln_applies_the_final_layernorm():
+    torch.manual_seed(0)
+    model = Bert(BertConfig(**TINY, pre_ln=True)).eval()
+    with torch.no_grad():
+        model.encoder.LayerNorm.weight.fill_(2.0)
+        model.encoder.LayerNorm.bias.fill_(0.5)
+    ids, mask, types = batch_with_padding()
+    with torch.no_grad():
+        hidden = model.encode(ids, mask, types)
+        x = model.embeddings(ids, types)
+        for layer in model.encoder.layer:
+            x, _ = layer(x, mask.bool()[:, None, None, :], False)
+    # The final LayerNorm gives every row mean 0.5 and std 2 (its bias and weight).
+    torch.testing.assert_close(hidden, model.encoder.LayerNorm(x))
+    torch.testing.assert_close(hidden.mean(-1), torch.full((3, 11), 0.5), atol=1e-5, rtol=0)
+
+
+def test_context_length_names_max_position():
+    cfg = BertConfig(**TINY)
+    assert cfg.context_length == 24 and BertConfig.context_field == "max_position"
+    with pytest.raises(AttributeError):
+        cfg.context_length = 12  # read-only: set max_position
+
+
 def test_tied_decoder_and_param_count():
     model = Bert(BertConfig(**TINY))
     assert model.cls.predictions.decoder.weight is model.embeddings.word_embeddings.weight

@@ -59,6 +59,37 @@ def test_parity_with_transformers_gpt2():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_encode_equals_gpt2model_last_hidden_state():
+    transformers = pytest.importorskip("transformers")
+    hf = hf_gpt2()
+    ours = from_hf(hf)
+    base = transformers.GPT2Model(hf.config).eval()
+    base.load_state_dict({k.removeprefix("transformer."): v for k, v in hf.state_dict().items()
+                          if k.startswith("transformer.")})
+    ids = torch.randint(1, 61, (3, 13), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding, as task batches are padded
+    mask[2, 5:] = 0
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        hidden = ours.encode(ids)
+        torch.testing.assert_close(hidden, base(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+        masked = ours.encode(ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+        ref = base(ids, attention_mask=mask).last_hidden_state
+    assert hidden.shape == (3, 13, 32)
+    real = mask.bool()
+    torch.testing.assert_close(masked[real], ref[real], atol=1e-5, rtol=1e-5)
+    # encode is what the LM head reads: logits = lm_head(encode(x))
+    torch.testing.assert_close(ours.lm_head(hidden), ours(ids), atol=1e-6, rtol=1e-6)
+
+
+def test_context_length_names_block_size():
+    cfg = GPTConfig(**TINY)
+    assert cfg.context_length == 32 and GPTConfig.context_field == "block_size"
+    with pytest.raises(AttributeError):
+        cfg.context_length = 8
+
+
 def test_parity_with_transformers_gpt2_left_padding():
     hf = hf_gpt2()
     ours = from_hf(hf)

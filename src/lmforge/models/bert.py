@@ -18,7 +18,7 @@ more stably from scratch at high learning rates (Xiong et al. 2020).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -76,6 +76,13 @@ class BertConfig:
             raise ConfigError(f"model.pad_token_id ({self.pad_token_id}) must be a token id below vocab_size ({self.vocab_size})")
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.layer_norm_eps and model.init_std must be positive")
+
+    context_field: ClassVar[str] = "max_position"  # the field that `context_length` reads
+
+    @property
+    def context_length(self) -> int:
+        """The longest input in tokens (the same name in every model config)."""
+        return self.max_position
 
 
 def _activation(name: str) -> nn.Module:
@@ -283,6 +290,29 @@ class Bert(nn.Module):
                 here rather than calling `mlm_logits` keeps the whole loss inside forward, as DDP and
                 torch.compile want.
         """
+        x, attentions = self._hidden_states(input_ids, attention_mask, token_type_ids, output_attentions)
+        pooled = self.pooler(x)
+        return EncoderOutput(
+            last_hidden_state=x,
+            pooled=pooled,
+            nsp_logits=self.nsp_logits(pooled),
+            mlm_logits=None if mlm_positions is None else self.mlm_logits(x, mlm_positions),
+            attentions=attentions,
+        )
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d_model) final hidden states (after the final LayerNorm of a pre-LN model), no head run.
+
+        Args:
+            input_ids: (B, T) token ids, T <= max_position.
+            attention_mask: (B, T), 1/True = real token, 0/False = padding.
+            token_type_ids: (B, T) segment ids (default all 0).
+        """
+        return self._hidden_states(input_ids, attention_mask, token_type_ids, False)[0]
+
+    def _hidden_states(self, input_ids, attention_mask, token_type_ids, output_attentions: bool):
+        """(final hidden states (B, T, d_model), per-layer attention probabilities or None)."""
         B, T = input_ids.shape
         if T > self.config.max_position:
             raise ConfigError(f"sequence of {T} tokens is longer than model.max_position ({self.config.max_position})")
@@ -298,14 +328,7 @@ class Bert(nn.Module):
             attentions.append(weights)
         if self.encoder.LayerNorm is not None:
             x = self.encoder.LayerNorm(x)
-        pooled = self.pooler(x)
-        return EncoderOutput(
-            last_hidden_state=x,
-            pooled=pooled,
-            nsp_logits=self.nsp_logits(pooled),
-            mlm_logits=None if mlm_positions is None else self.mlm_logits(x, mlm_positions),
-            attentions=tuple(attentions) if output_attentions else None,
-        )
+        return x, (tuple(attentions) if output_attentions else None)
 
     def mlm_logits(self, hidden: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Masked-LM logits. The head (a d x d transform and the d x vocab decoder) runs only at the

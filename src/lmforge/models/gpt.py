@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -83,6 +83,14 @@ class GPTConfig:
             raise ConfigError(f"rope_base must be positive, got {self.rope_base}")
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("layer_norm_eps and init_std must be positive")
+
+    context_field: ClassVar[str] = "block_size"  # the field that `context_length` reads
+
+    @property
+    def context_length(self) -> int:
+        """The context length in tokens (the same name in every model config); with rope it is the
+        length trained on, not a hard limit."""
+        return self.block_size
 
     @property
     def head_dim(self) -> int:
@@ -230,6 +238,27 @@ class GPT(nn.Module):
             logits (B, T, vocab_size) (T = logits_to_keep when given) in the model's dtype, or
             (logits, attentions) when output_attentions.
         """
+        x, attentions = self._trunk(input_ids, position_ids, attention_mask, cache, output_attentions)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        return (logits, attentions) if output_attentions else logits
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d_model) final hidden states (after ln_f, before lm_head).
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T), 1 = real token, 0 = padding (as in `forward`: padding keys are never
+                attended and positions count real tokens only).
+            token_type_ids: ignored (GPT has no segment embeddings); accepted so that every backbone
+                takes the same arguments.
+        """
+        return self.transformer.ln_f(self._trunk(input_ids, None, attention_mask, None, False)[0])
+
+    def _trunk(self, input_ids, position_ids, attention_mask, cache, output_attentions: bool):
+        """(hidden states before ln_f (B, T, d_model), per-layer attention probabilities or None)."""
         cfg = self.config
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -263,10 +292,7 @@ class GPT(nn.Module):
             attentions.append(weights)
         if cache is not None:
             cache.advance(T)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
-        return (logits, tuple(attentions)) if output_attentions else logits
+        return x, (tuple(attentions) if output_attentions else None)
 
     @staticmethod
     def _mask(attention_mask: torch.Tensor | None, past: int, T: int, device) -> tuple[torch.Tensor | None, bool]:

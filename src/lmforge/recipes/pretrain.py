@@ -56,11 +56,11 @@ def resolve_model_config(arch: str, model: dict[str, Any] | None, vocab_size: in
     if values["vocab_size"] < vocab_size:
         raise ConfigError(f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's {vocab_size}")
     cfg = model_config(arch, values)
-    ctx_field = {"gpt": "block_size", "bert": "max_position"}.get(arch)
-    if ctx_field is not None:
-        ctx_len = getattr(cfg, ctx_field)
+    ctx_len = getattr(cfg, "context_length", None)  # None: no fixed context (LSTM)
+    if ctx_len is not None:
+        ctx_field = type(cfg).context_field
         if seq_len is None:
-            seq_len = ctx_len if "block_size" in values or "max_position" in values else min(ctx_len, 128)
+            seq_len = ctx_len if ctx_field in values else min(ctx_len, 128)
         if ctx_field not in values:
             cfg = replace(cfg, **{ctx_field: seq_len})
         elif seq_len > ctx_len:
