@@ -1,8 +1,10 @@
 """Checkpoints are directories: `config.yaml` (the resolved run config), `model.safetensors`,
 `tokenizer.json`, and for resuming `optimizer.pt` (tensors only, read with weights_only=True) and
-`trainer_state.json`. Each is written into a temporary sibling and renamed into place, so a crash
-never leaves half a checkpoint. Every verb that reads a model accepts a run directory (its newest
-checkpoint is used) or a checkpoint directory."""
+`trainer_state.json`, then `complete.json` written last (every file's size: the marker that the
+checkpoint is whole). The directory is written as a temporary sibling and renamed into place, so a
+crash never leaves half a checkpoint under its name; the temporaries a killed run leaves are removed
+by `clean_stale_checkpoints` when the run starts again. Every verb that reads a model accepts a run
+directory (its newest complete checkpoint is used) or a checkpoint directory."""
 from __future__ import annotations
 
 import re
@@ -14,10 +16,20 @@ import torch
 from torch import nn
 
 from lmforge.config import load_yaml, save_yaml
-from lmforge.errors import CheckpointError
-from lmforge.storage import atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors, torch_load, torch_save
+from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.storage import (
+    atomic_dir,
+    atomic_write_json,
+    clean_temporaries,
+    load_tensors,
+    read_json,
+    save_tensors,
+    torch_load,
+    torch_save,
+)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+MARKER = "complete.json"  # written last into a checkpoint: {"format": 1, "files": {name: size in bytes}}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -51,7 +63,30 @@ def save_checkpoint(
             torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
         if trainer_state is not None:
             atomic_write_json(tmp / "trainer_state.json", trainer_state)
+        sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        atomic_write_json(tmp / MARKER, {"format": 1, "files": sizes})
     return path
+
+
+def is_complete(ckpt: str | Path) -> bool:
+    """Whether a checkpoint directory is whole: its marker lists every file with its size. One written
+    before markers existed counts when it has its weights and config (it was renamed into place whole)."""
+    ckpt = Path(ckpt)
+    marker = ckpt / MARKER
+    if not marker.is_file():
+        return (ckpt / "model.safetensors").is_file() and (ckpt / "config.yaml").is_file()
+    try:
+        files = read_json(marker)["files"]
+        return all((ckpt / name).is_file() and (ckpt / name).stat().st_size == size for name, size in files.items())
+    except (LmforgeError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def clean_stale_checkpoints(run_dir: str | Path) -> list[str]:
+    """Remove the temporary checkpoint folders a killed run left in `run_dir/checkpoints` (and put
+    back a checkpoint that a kill left renamed aside while it was being replaced). Call it when a run
+    starts, before anything writes there. Returns what it did."""
+    return clean_temporaries(Path(run_dir) / "checkpoints")
 
 
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -59,7 +94,8 @@ def step_checkpoints(run_dir: str | Path) -> list[Path]:
     ckpts = Path(run_dir) / "checkpoints"
     if not ckpts.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in ckpts.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in ckpts.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and p.is_dir() and is_complete(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -67,12 +103,15 @@ def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory itself, or the newest checkpoint of a run directory."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
+        if not is_complete(path):
+            raise CheckpointError(f"{path}: incomplete checkpoint (a file is missing or has another size than "
+                                  f"{MARKER} records); use an earlier checkpoint")
         return path
     if not path.exists():
         raise CheckpointError(f"{path}: no such run or checkpoint directory")
     found = step_checkpoints(path)
     if not found:
-        raise CheckpointError(f"{path}: not a checkpoint (no model.safetensors) and holds no checkpoints/step-N")
+        raise CheckpointError(f"{path}: not a checkpoint (no model.safetensors) and holds no complete checkpoints/step-N")
     return found[-1]
 
 
