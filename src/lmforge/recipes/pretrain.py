@@ -173,11 +173,11 @@ def pretrain(
               f"{batcher.tokens_per_batch * train_cfg.grad_accum * world_size:,} tokens; "
               f"device {resolve_device(train_cfg.device)}; run dir {run_dir}", flush=True)
 
-    def wrap(m):  # torch.compile (train.compile) is applied by the trainer, to the whole loss
+    def parallelize(m):  # torch.compile (train.compile) is applied by the trainer, to the whole loss
         return apply_ddp(m, resolve_device(train_cfg.device)) if world_size > 1 else m
 
     trainer = Trainer(net, obj, batcher, train_cfg, run_dir, run_config=run_config, tokenizer=tokenizer,
-                      rank=rank, world_size=world_size, wrap=wrap)
+                      rank=rank, world_size=world_size, parallelize=parallelize)
     result = trainer.fit(resume=resume)
     summary = {
         "run_dir": str(run_dir),
