@@ -51,7 +51,7 @@ def test_parity_with_transformers_pretraining_heads():
     ids, mask, types = batch_with_padding()
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
-        out = ours(ids, attention_mask=mask, token_type_ids=types)
+        out = ours(ids, attention_mask=mask, token_type_ids=types, nsp=True)
         logits_all = ours.mlm_logits(out.last_hidden_state)
     real = mask.bool()
     torch.testing.assert_close(out.last_hidden_state[real], ref.hidden_states[-1][real], atol=1e-5, rtol=1e-5)
@@ -73,7 +73,7 @@ def test_parity_with_bertmodel_attentions_and_pooler():
     ids, mask, types = batch_with_padding()
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types, output_attentions=True)
-        out = ours(ids, attention_mask=mask, token_type_ids=types, output_attentions=True)
+        out = ours(ids, attention_mask=mask, token_type_ids=types, output_attentions=True, nsp=True)
     torch.testing.assert_close(out.pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
     assert len(out.attentions) == 2
     for a, b in zip(out.attentions, ref.attentions):
@@ -112,6 +112,53 @@ def test_encode_of_pre_ln_applies_the_final_layernorm():
     # The final LayerNorm gives every row mean 0.5 and std 2 (its bias and weight).
     torch.testing.assert_close(hidden, model.encoder.LayerNorm(x))
     torch.testing.assert_close(hidden.mean(-1), torch.full((3, 11), 0.5), atol=1e-5, rtol=0)
+
+
+def test_heads_run_only_when_asked():
+    torch.manual_seed(0)
+    model = Bert(BertConfig(**TINY)).eval()
+    ids, mask, types = batch_with_padding()
+    out = model(ids, mask, types)
+    assert out.pooled is None and out.nsp_logits is None and out.mlm_logits is None
+    hidden = model.encode(ids, mask, types)
+    out = model(ids, mask, types, nsp=True, mlm_positions=torch.tensor([0, 12]))
+    torch.testing.assert_close(out.last_hidden_state, hidden)
+    torch.testing.assert_close(out.pooled, torch.tanh(model.pooler.dense(hidden[:, 0])))
+    torch.testing.assert_close(out.nsp_logits, model.cls.seq_relationship(out.pooled))
+    assert out.mlm_logits.shape == (2, 97)
+
+
+@pytest.mark.parametrize("heads, trained", [
+    ((), set()), (("mlm",), {"cls.predictions"}), (("pooler",), {"pooler"}),
+    (("mlm", "nsp"), {"cls.predictions", "pooler", "cls.seq_relationship"})])
+def test_use_heads_freezes_the_others_and_only_they_get_no_gradient(heads, trained):
+    torch.manual_seed(0)
+    model = Bert(BertConfig(**TINY)).use_heads(*heads)
+    ids, mask, types = batch_with_padding()
+    out = model(ids, mask, types, nsp="nsp" in heads, mlm_positions=torch.tensor([1, 2]) if "mlm" in heads else None)
+    loss = out.last_hidden_state.sum()
+    if "mlm" in heads:
+        loss = loss + out.mlm_logits.sum()
+    if "nsp" in heads:
+        loss = loss + out.nsp_logits.sum()
+    if heads == ("pooler",):
+        loss = loss + model.pooler(out.last_hidden_state).sum()
+    loss.backward()
+    heads_of = ("pooler", "cls.predictions", "cls.seq_relationship")
+    for name, p in model.named_parameters():
+        head = next((h for h in heads_of if name.startswith(h + ".")), None)
+        expect = head is None or head in trained  # the encoder (and the tied word embeddings) always train
+        assert p.requires_grad == expect, name
+        assert (p.grad is not None) == expect, name  # every trainable parameter gets a gradient (DDP's rule)
+    # use_heads can be called again: the named heads train, the rest freeze
+    model.use_heads("nsp")
+    assert model.pooler.dense.weight.requires_grad and not model.cls.predictions.bias.requires_grad
+    assert model.embeddings.word_embeddings.weight.requires_grad
+
+
+def test_use_heads_rejects_an_unknown_head():
+    with pytest.raises(ConfigError, match="unknown BERT head 'sop'; heads: pooler, mlm, nsp"):
+        Bert(BertConfig(**TINY)).use_heads("mlm", "sop")
 
 
 def test_context_length_names_max_position():

@@ -83,6 +83,18 @@ def test_encode_equals_gpt2model_last_hidden_state():
     torch.testing.assert_close(ours.lm_head(hidden), ours(ids), atol=1e-6, rtol=1e-6)
 
 
+def test_use_heads_freezes_an_untied_lm_head_only():
+    tied = tiny().use_heads()
+    assert all(p.requires_grad for p in tied.parameters())  # the head is the token embedding: it trains
+    untied = tiny(tie_embeddings=False).use_heads()
+    untied.encode(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    assert not untied.lm_head.weight.requires_grad
+    assert all(p.grad is not None for p in untied.parameters() if p.requires_grad)
+    assert untied.use_heads("lm").lm_head.weight.requires_grad
+    with pytest.raises(ConfigError, match="unknown GPT head 'mlm'"):
+        untied.use_heads("mlm")
+
+
 def test_context_length_names_block_size():
     cfg = GPTConfig(**TINY)
     assert cfg.context_length == 32 and GPTConfig.context_field == "block_size"

@@ -95,7 +95,7 @@ def test_import_matches_transformers(hf_dirs, cls):
     ids, mask, types = padded_batch()
     hidden, pooled, logits, nsp = hf_outputs(ref, ids, mask, types)
     with torch.no_grad():
-        out = model(ids, attention_mask=mask, token_type_ids=types)
+        out = model(ids, attention_mask=mask, token_type_ids=types, nsp=True)
     real = mask.bool()
     torch.testing.assert_close(out.last_hidden_state[real], hidden[real], **TOL)
     torch.testing.assert_close(out.last_hidden_state, hidden, **TOL)  # padded positions too
@@ -160,7 +160,7 @@ def test_export_loads_cleanly_and_matches(ours, wordpiece, tmp_path, cls, auto):
     ids, mask, types = padded_batch()
     hidden, pooled, logits, nsp = hf_outputs(ref.eval(), ids, mask, types)
     with torch.no_grad():
-        o = ours(ids, attention_mask=mask, token_type_ids=types)
+        o = ours(ids, attention_mask=mask, token_type_ids=types, nsp=True)
     torch.testing.assert_close(hidden, o.last_hidden_state, **TOL)
     if pooled is not None:
         torch.testing.assert_close(pooled, o.pooled, **TOL)

@@ -119,7 +119,7 @@ def test_joint_loss_is_mlm_plus_nsp():
     batch = NSPBatcher(Masker(tokenizer(V)), shards, None, seq_len=32, batch_size=8, seed=0).train_batch(0, 0)
     loss, m = MLMNSPObjective().loss(model, batch)
     with torch.no_grad():
-        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], nsp=True)
         mlm = F.cross_entropy(model.mlm_logits(out.last_hidden_state).flatten(0, 1), batch["labels"].flatten())
         nsp_logits = model.nsp_logits(out.pooled)
         nsp = F.cross_entropy(nsp_logits, batch["nsp_labels"])

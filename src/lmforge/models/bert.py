@@ -94,15 +94,15 @@ class EncoderOutput:
     """What `Bert.forward` returns.
 
     last_hidden_state: (B, T, d_model) final hidden states.
-    pooled: (B, d_model) tanh(dense(hidden of [CLS])), the input of the NSP head.
-    nsp_logits: (B, 2) next-sentence logits (index 0 = is next, 1 = random).
+    pooled: (B, d_model) tanh(dense(hidden of [CLS])), the input of the NSP head (with `nsp=True`, else None).
+    nsp_logits: (B, 2) next-sentence logits, index 0 = is next, 1 = random (with `nsp=True`, else None).
     mlm_logits: (N, vocab) logits at the requested `mlm_positions`, else None.
     attentions: per layer (B, n_head, T, T) attention probabilities when asked, else None.
     """
 
     last_hidden_state: torch.Tensor
-    pooled: torch.Tensor
-    nsp_logits: torch.Tensor
+    pooled: torch.Tensor | None = None
+    nsp_logits: torch.Tensor | None = None
     mlm_logits: torch.Tensor | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
@@ -203,6 +203,7 @@ class Encoder(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.pre_ln else None
 
 
+# ---- pretraining heads: each a module of its own, run only when asked for -------------------------------
 class Pooler(nn.Module):
     """tanh(dense(h_[CLS])): the sentence vector that BERT's NSP head reads."""
 
@@ -239,14 +240,30 @@ class MLMHead(nn.Module):
 
 
 class PretrainingHeads(nn.Module):
+    """The container HF names `cls`: the MLM head (`predictions`) and the NSP classifier (`seq_relationship`)."""
+
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.predictions = MLMHead(cfg)
         self.seq_relationship = nn.Linear(cfg.d_model, 2)
 
 
+# head name -> the parameter-name prefixes it trains (the NSP head reads the pooler's output)
+HEADS: dict[str, tuple[str, ...]] = {
+    "pooler": ("pooler.",),
+    "mlm": ("cls.predictions.",),  # its decoder is tied to the word embeddings, which are not the head's
+    "nsp": ("pooler.", "cls.seq_relationship."),
+}
+
+
 class Bert(nn.Module):
-    """BERT encoder with pooler and pretraining heads (masked LM, next-sentence prediction)."""
+    """BERT encoder with its pretraining heads (pooler, masked LM, next-sentence prediction).
+
+    `encode` runs the encoder alone; `forward` runs the encoder plus only the heads asked for
+    (`mlm_positions`, `nsp`). `use_heads` freezes the heads a training run does not use, so that every
+    trainable parameter gets a gradient in every step (DDP then needs no static graph); all heads stay
+    in the model under their HF names, so checkpoints and exports keep them as they are.
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -278,6 +295,7 @@ class Bert(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         output_attentions: bool = False,
         mlm_positions: torch.Tensor | None = None,
+        nsp: bool = False,
     ) -> EncoderOutput:
         """Encode a batch.
 
@@ -289,16 +307,31 @@ class Bert(nn.Module):
             mlm_positions: if given, also compute the MLM logits there (see `mlm_logits`); passing it
                 here rather than calling `mlm_logits` keeps the whole loss inside forward, as DDP and
                 torch.compile want.
+            nsp: also run the pooler and the next-sentence head (`pooled`, `nsp_logits`).
         """
         x, attentions = self._hidden_states(input_ids, attention_mask, token_type_ids, output_attentions)
-        pooled = self.pooler(x)
+        pooled = self.pooler(x) if nsp else None
         return EncoderOutput(
             last_hidden_state=x,
             pooled=pooled,
-            nsp_logits=self.nsp_logits(pooled),
+            nsp_logits=self.nsp_logits(pooled) if nsp else None,
             mlm_logits=None if mlm_positions is None else self.mlm_logits(x, mlm_positions),
             attentions=attentions,
         )
+
+    def use_heads(self, *names: str) -> "Bert":
+        """Train the named pretraining heads ('pooler', 'mlm', 'nsp') and freeze the others
+        (requires_grad=False: they keep their weights, DDP and the optimizer leave them out). Call it
+        before wrapping the model for training; no names = the encoder alone. Returns the model."""
+        unknown = [n for n in names if n not in HEADS]
+        if unknown:
+            raise ConfigError(f"unknown BERT head {unknown[0]!r}; heads: {', '.join(HEADS)}")
+        trained = tuple(p for n in names for p in HEADS[n])
+        every = tuple(p for prefixes in HEADS.values() for p in prefixes)
+        for name, param in self.named_parameters():  # tied weights are listed once, under the embeddings
+            if name.startswith(every):
+                param.requires_grad_(name.startswith(trained))
+        return self
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:

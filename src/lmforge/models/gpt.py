@@ -190,6 +190,16 @@ class GPT(nn.Module):
         """The longest sequence (prompt + generated) the model accepts; None = no fixed limit (rope)."""
         return self.config.block_size if self.config.position == "learned" else None
 
+    def use_heads(self, *names: str) -> "GPT":
+        """Train the LM head ('lm') or, without it, freeze it (an untied `lm_head` would otherwise get no
+        gradient when only `encode` runs, which DDP does not allow; a tied one is the token embedding and
+        stays trainable). Returns the model."""
+        if any(n != "lm" for n in names):
+            raise ConfigError(f"unknown GPT head {next(n for n in names if n != 'lm')!r}; heads: lm")
+        if not self.config.tie_embeddings:
+            self.lm_head.weight.requires_grad_("lm" in names)
+        return self
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (tied weights once). nanoGPT's convention: `non_embedding` subtracts the
         position embeddings; the token embeddings stay, as they double as the output head."""

@@ -158,6 +158,8 @@ def pretrain(
     net = build_model(arch, model_cfg) if base is None else base  # base: already built and loaded
     if base is not None:
         run_config["init_from"] = str(init_from)
+    if getattr(obj, "heads", None) is not None and hasattr(net, "use_heads"):
+        net.use_heads(*obj.heads)  # heads the objective does not run are frozen: DDP needs no static graph
     if train_cfg.activation_checkpointing:
         try:
             apply_activation_checkpointing(net, every=train_cfg.activation_checkpointing)

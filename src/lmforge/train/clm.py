@@ -19,6 +19,7 @@ class CLMOptions:
 
 class CLMObjective:
     reports_perplexity = True
+    heads = ("lm",)  # the head this objective trains (GPT.use_heads)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(batch["input_ids"])  # (B, T, V)

@@ -26,13 +26,15 @@ def setup_distributed() -> tuple[int, int, int]:
 
 
 def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """Wrap in DistributedDataParallel (gradients all-reduced during backward)."""
+    """Wrap in DistributedDataParallel (gradients all-reduced during backward).
+
+    Every trainable parameter must get a gradient in every step: freeze what the objective does not
+    run first (`model.use_heads(*objective.heads)`, as the pretrain recipe does), and DDP leaves the
+    frozen parameters out."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    # static_graph: objectives such as MLM (no NSP) and SimCSE leave some heads (pooler, NSP) without
-    # gradients; with a static graph DDP learns once which parameters are used and skips the rest.
-    return DistributedDataParallel(model, device_ids=ids, static_graph=True)
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:

@@ -2,7 +2,8 @@
 
 The loss is cross-entropy at the chosen positions only: the batch carries their flat indices
 (`mlm_positions`) and the model runs its MLM head there alone (`Bert.forward(mlm_positions=...)`), which
-keeps the big vocabulary projection off the ~85% of positions that are not predicted. Metrics:
+keeps the big vocabulary projection off the ~85% of positions that are not predicted. `mlm` runs and
+trains the MLM head only, `mlm+nsp` also the pooler and the NSP head (`heads`, see `Bert.use_heads`). Metrics:
 `mlm_acc` (share of chosen tokens predicted exactly) and, with NSP, `nsp_acc`, `mlm_loss`, `nsp_loss`.
 Batches come from `lmforge.data.mlm` (masking, packing and pair building are documented there).
 """
@@ -57,13 +58,13 @@ class NSPOptions(MLMOptions):
     short_seq_prob: float = 0.1
 
 
-def _encode(model: nn.Module, batch: dict[str, torch.Tensor], objective: str):
+def _encode(model: nn.Module, batch: dict[str, torch.Tensor], objective: str, nsp: bool = False):
     if not hasattr(unwrap(model), "mlm_logits"):
         raise ConfigError(f"objective {objective} needs an encoder with an MLM head (--arch bert), "
                           f"not {type(unwrap(model)).__name__}")
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
-                mlm_positions=batch["mlm_positions"])
-    return out
+    # Through forward (not a method of the model), so that DDP sees the whole computation.
+    return model(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
+                 mlm_positions=batch["mlm_positions"], nsp=nsp)
 
 
 def _mlm_loss(out, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +80,7 @@ class MLMObjective:
     """Masked-LM cross-entropy at the chosen positions; `ppl` = exp(loss) is the masked-token perplexity."""
 
     reports_perplexity = True
+    heads = ("mlm",)  # the pretraining heads this objective trains (Bert.use_heads); pooler and NSP are frozen
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, acc = _mlm_loss(_encode(model, batch, "mlm"), batch)
@@ -89,9 +91,10 @@ class MLMNSPObjective:
     """BERT's pretraining loss: masked-LM cross-entropy + next-sentence cross-entropy."""
 
     reports_perplexity = False  # the loss is a sum of two; see mlm_loss for the masked-LM part
+    heads = ("mlm", "nsp")
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = _encode(model, batch, "mlm+nsp")
+        out = _encode(model, batch, "mlm+nsp", nsp=True)
         mlm_loss, mlm_acc = _mlm_loss(out, batch)
         nsp_logits = out.nsp_logits.float()  # (B, 2)
         nsp_loss = F.cross_entropy(nsp_logits, batch["nsp_labels"])

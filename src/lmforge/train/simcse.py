@@ -77,6 +77,7 @@ def alignment_uniformity(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tens
 
 class SimCSEObjective:
     reports_perplexity = False
+    heads = ()  # the encoder alone: BERT's pretraining heads are frozen (Bert.use_heads)
 
     def __init__(self, temperature: float = 0.05, pooling: str = "cls"):
         self.temperature, self.pooling = temperature, pooling
