@@ -44,7 +44,7 @@ def encode_sentences(model, tokenizer, sentences: list[str], *, pooling: str = "
         batch_size: sentences per forward pass.
         max_length: longest input in tokens, [CLS] and [SEP] included (default: the model's max_position).
     """
-    from lmforge.train.simcse import pool
+    from lmforge.models.heads import pool
 
     cls, sep, pad = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
     if None in (cls, sep, pad):
@@ -93,7 +93,7 @@ def embed(
             an imported sentence-transformers model's max_seq_length).
         device: cpu, cuda, cuda:1, ...
     """
-    import lmforge
+    from lmforge.checkpoints import load_model
     from lmforge.storage import atomic_write_bytes, save_tensors
 
     out_path = Path(out)
@@ -102,7 +102,7 @@ def embed(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     sentences = read_lines(input)
-    net, tokenizer, cfg = lmforge.load(model, device)
+    net, tokenizer, cfg = load_model(model, device)
     if cfg.get("arch") != "bert":
         raise ConfigError(f"{model}: embed needs a BERT-family encoder (arch bert), this is arch {cfg.get('arch')!r}")
     if max_length is None:  # an imported sentence-transformers model keeps its own truncation length

@@ -25,6 +25,7 @@ from torch import nn
 from lmforge.config import from_dict
 from lmforge.data.simcse import SentenceBatcher
 from lmforge.errors import ConfigError
+from lmforge.models.heads import pool
 
 
 @dataclass
@@ -46,16 +47,6 @@ class SimCSEOptions:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"objective_args.temperature must be positive, got {self.temperature}")
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, T, d) hidden states -> (B, d) sentence vectors: the [CLS] state, or the mean over real tokens."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    if pooling == "mean":
-        m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-    raise ConfigError(f"pooling: {pooling!r} is not one of 'cls', 'mean'")
 
 
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
