@@ -1,10 +1,14 @@
 """The trainer's own config section (`train:` in a run's YAML)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from lmforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -49,6 +53,11 @@ class TrainConfig:
         min_delta: the smallest change of `best_metric` that counts as an improvement.
         layer_decay: layer-wise learning-rate decay: layer l of L gets lr * layer_decay**(L - l), the
             embeddings lr * layer_decay**(L + 1), heads the full lr (1.0: off).
+        max_nonfinite_steps: a step whose loss (or gradient norm) is NaN or infinite is skipped (no
+            update) with a warning; the run stops with an error when more than this many steps in a
+            row were skipped.
+        progress_every: when the output is not a terminal (a pipe, a log file), print one progress line
+            every this many seconds instead of a live bar.
     """
 
     max_steps: int = 1000
@@ -82,6 +91,8 @@ class TrainConfig:
     patience: int = 0
     min_delta: float = 0.0
     layer_decay: float = 1.0
+    max_nonfinite_steps: int = 5
+    progress_every: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum"):
@@ -100,3 +111,64 @@ class TrainConfig:
             raise ConfigError(f"train.layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Every other field's range, named with its value (so nothing fails later inside PyTorch)."""
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "min_delta",
+                     "layer_decay", "progress_every"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"train.{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every", "max_nonfinite_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("decay_steps", "eval_batches", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1 (or null), got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ConfigError(f"train.eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"train.weight_decay and train.grad_clip must be >= 0 (grad_clip 0: off), "
+                              f"got {self.weight_decay}, {self.grad_clip}")
+        if self.progress_every <= 0:
+            raise ConfigError(f"train.progress_every must be > 0 seconds, got {self.progress_every}")
+        if self.seed >= 2**63:
+            raise ConfigError(f"train.seed must be below 2**63, got {self.seed}")
+        parse_device(self.device, "train.device")
+
+
+def parse_device(name: str, field: str = "device") -> torch.device | None:
+    """The torch.device a device name means ('auto' -> None); a name that is no device is a ConfigError."""
+    import torch
+
+    if name == "auto":
+        return None
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{field}: '{name}' is not a device (use 'auto', 'cpu', 'cuda' or 'cuda:N')") from None
+
+
+def check_device(name: str, field: str = "device") -> None:
+    """Raise a ConfigError naming `field` when device `name` is not present on this machine (a CUDA
+    device without CUDA, or an index beyond the device count). Call it before any work starts."""
+    import torch
+
+    device = parse_device(name, field)
+    if device is None or device.type == "cpu":
+        return
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{field}: '{name}' but this machine has no CUDA device (torch {torch.__version__}"
+                              f"{'' if torch.version.cuda else ', a CPU-only build'}); use 'auto' or 'cpu'")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{field}: '{name}' but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{field}: '{name}' but MPS is not available here; use 'auto' or 'cpu'")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,14 +33,17 @@ from lmforge.train.checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from lmforge.train.config import TrainConfig
+from lmforge.errors import LmforgeError
+from lmforge.storage import atomic_write_bytes, atomic_write_text, json_safe
+from lmforge.train.config import TrainConfig, check_device
 from lmforge.train.protocols import Batcher, Objective
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU."""
+    """'auto' -> CUDA when present, else CPU; a device this machine lacks is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(name, "train.device")
     return torch.device(name)
 
 
@@ -132,16 +136,37 @@ def _kept(row: dict, until: int) -> bool:
     return row["step"] < until or (row["step"] == until and row.get("split") != "val")
 
 
+def read_metrics(path: Path, warn: bool = False) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A line that is not a JSON object (the torn last line of a killed
+    run) is skipped, with a note on stderr when `warn`."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif warn:
+            print(f"note: {path}: line {n} is not a whole metrics record (a run killed while writing it?); "
+                  f"dropped", file=sys.stderr)
+    return rows
+
+
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and, optionally, TensorBoard events."""
+    """metrics.jsonl (one JSON object per line; NaN and infinities written as null, so every line is
+    valid JSON) and, optionally, TensorBoard events."""
 
     def __init__(self, run_dir: Path, tensorboard: bool, keep_until: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         if keep_until is not None and self.path.exists():
-            # Resuming: forget lines a crashed run wrote after the checkpoint we resume from.
-            # A checkpoint at step N is written before the validation at step N, which the resumed run repeats.
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and _kept(json.loads(ln), keep_until)]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            # Resuming: forget lines a crashed run wrote after the checkpoint we resume from (and a torn
+            # last line). A checkpoint at step N is written before the validation at step N, which the
+            # resumed run repeats.
+            kept = [row for row in read_metrics(self.path, warn=True) if _kept(row, keep_until)]
+            atomic_write_text(self.path, "".join(self._line(row) for row in kept))
         elif keep_until is None and self.path.exists():
             self.path.unlink()
         self.file = open(self.path, "a", encoding="utf-8")
@@ -151,12 +176,17 @@ class MetricsLog:
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
+    @staticmethod
+    def _line(row: dict[str, Any]) -> str:
+        return json.dumps(json_safe(row), allow_nan=False) + "\n"
+
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        self.file.write(self._line({"step": step, "split": split, **values}))
         self.file.flush()
         if self.tb is not None:
             for k, v in values.items():
-                self.tb.add_scalar(f"{split}/{k}", v, step)
+                if v is not None:
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
 
     def close(self) -> None:
         self.file.close()
@@ -173,11 +203,10 @@ def plot_curves(metrics_path: Path, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmforge.storage import atomic_write_bytes
-
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln]
-    train = [(r["step"], r["loss"]) for r in rows if r["split"] == "train" and "loss" in r]
-    val = [(r["step"], r["loss"]) for r in rows if r["split"] == "val" and "loss" in r]
+    rows = read_metrics(metrics_path) if metrics_path.is_file() else []
+    # a skipped (non-finite) loss is null: a gap in the curve
+    train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train" and isinstance(r.get("loss"), (int, float))]
+    val = [(r["step"], r["loss"]) for r in rows if r.get("split") == "val" and isinstance(r.get("loss"), (int, float))]
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -194,6 +223,67 @@ def plot_curves(metrics_path: Path, out: Path) -> Path | None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return atomic_write_bytes(out, buf.getvalue())
+
+
+class DivergedError(LmforgeError):
+    """The loss stayed NaN or infinite for more steps in a row than train.max_nonfinite_steps allows."""
+
+
+class Progress:
+    """The training progress display. On a terminal: tqdm's live bar. Under a pipe or a file: one
+    plain line every `every` seconds (and a last one at the end) instead of thousands of carriage-return
+    updates. Offers the bar methods the loop uses: update, set_postfix, write, close."""
+
+    def __init__(self, total: int, initial: int = 0, every: float = 30.0, stream=None, clock=time.monotonic):
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.n, self.every, self.clock = total, initial, every, clock
+        self.postfix: dict[str, Any] = {}
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=self.stream)
+        self.start = self.last = clock()
+        self.start_n = self.printed_n = initial
+
+    def set_postfix(self, refresh: bool = False, **values: Any) -> None:
+        self.postfix = values
+        if self.bar is not None:
+            self.bar.set_postfix(refresh=refresh, **values)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.clock() - self.last >= self.every:
+            self._line()
+
+    def _line(self) -> None:
+        now = self.clock()
+        elapsed = now - self.start
+        rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
+        eta = f"  eta {_hms((self.total - self.n) / rate)}" if rate > 0 and self.n < self.total else ""
+        extra = "".join(f"  {k} {v}" for k, v in self.postfix.items())
+        print(f"train step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%){extra}  "
+              f"{rate:.2f} step/s  elapsed {_hms(elapsed)}{eta}", file=self.stream, flush=True)
+        self.last, self.printed_n = now, self.n
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.n != self.printed_n:
+            self._line()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 @dataclass
@@ -326,10 +416,9 @@ class Trainer:
         result = FitResult(step=start, run_dir=self.run_dir)
         bar = None
         if cfg.progress and self.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+            bar = Progress(total=cfg.max_steps, initial=start, every=cfg.progress_every)
         tokens_per_step = self.batcher.tokens_per_batch * cfg.grad_accum * self.world_size
+        self._clock = [time.perf_counter(), 0.0]  # (start of fit, seconds spent validating)
         self.model.train()
         window_start, window_steps, window_loss = time.perf_counter(), 0, None
         stop = self._should_stop()
@@ -398,19 +487,57 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v.detach().float() / cfg.grad_accum
         if cfg.grad_clip > 0:
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip, foreach=True).detach()
-        self.optimizer.step()
+        if self._finite(sums):
+            self.optimizer.step()
+            self._nonfinite_steps = 0
+        else:  # skip the update: the weights and optimizer moments stay as they were
+            self._nonfinite_steps += 1
+            self._report_nonfinite(step, sums)
         self.optimizer.zero_grad(set_to_none=True)
         return sums
+
+    _nonfinite_steps = 0  # consecutive skipped steps
+
+    def _finite(self, sums: dict[str, torch.Tensor]) -> bool:
+        """Whether the step's loss (and gradient norm, when clipping computes it) are finite, agreed by
+        every process. One small device-to-host copy per step."""
+        bad = ~torch.isfinite(sums["loss"])
+        if "grad_norm" in sums:
+            bad = bad | ~torch.isfinite(sums["grad_norm"])
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            bad = bad.to(torch.int32)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return not bool(bad.item())
+
+    def _report_nonfinite(self, step: int, sums: dict[str, torch.Tensor]) -> None:
+        what = ", ".join(f"{k} {v.item()}" for k, v in sums.items() if k in ("loss", "grad_norm"))
+        limit = self.cfg.max_nonfinite_steps
+        if self._nonfinite_steps > limit:
+            raise DivergedError(
+                f"training diverged: {self._nonfinite_steps} steps in a row up to step {step + 1} had a "
+                f"non-finite loss or gradient ({what}; train.max_nonfinite_steps={limit}); lower train.lr, "
+                f"lengthen train.warmup_steps or set train.grad_clip, and --resume from an earlier checkpoint")
+        if self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(f"warning: step {step + 1}: non-finite {what}; step skipped (no update), "
+                       f"{self._nonfinite_steps} in a row (the run stops after {limit})", file=sys.stderr)
 
     def _should_stop(self) -> bool:
         return bool(self.cfg.patience) and self.best["bad_evals"] >= self.cfg.patience
 
     def _validate(self, step: int, log: MetricsLog | None, bar, result: FitResult) -> None:
+        t0 = time.perf_counter()
         values = self.evaluate()
         if self.evaluator is not None:
             values.update(self.evaluator(self.raw_model))
         if not values:
             return
+        clock = getattr(self, "_clock", None)
+        if clock is not None:  # training seconds so far in this process, validation time excluded
+            values["train_s"] = t0 - clock[0] - clock[1]
         name = self.cfg.best_metric
         if name:
             if name not in values:
@@ -426,6 +553,8 @@ class Trainer:
             values = {**values, f"best_{name}": self.best["value"]}
         result.val = values
         result.history.append({"step": step, **values})
+        if clock is not None:
+            clock[1] += time.perf_counter() - t0
         if log is not None:
             log.write(step, "val", values)
         if self.is_main:

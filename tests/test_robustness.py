@@ -1,0 +1,217 @@
+"""Never lose a user's data or a run: crash-safe checkpoints and metrics, non-finite losses, progress
+under a pipe, and every config value checked up front with a clear error."""
+from __future__ import annotations
+
+import io
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lmforge.data.clm import CLMBatcher
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.train.checkpoint import (
+    MARKER,
+    clean_stale_checkpoints,
+    find_checkpoint,
+    is_complete,
+    save_checkpoint,
+    step_checkpoints,
+)
+from lmforge.train.clm import CLMObjective
+from lmforge.train.config import TrainConfig, check_device
+from lmforge.train.trainer import DivergedError, MetricsLog, Progress, Trainer, plot_curves, read_metrics
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=17, d=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        return self.head(self.drop(torch.tanh(self.emb(ids))))
+
+
+def _tokens(n, seed):
+    rng = np.random.default_rng(seed)
+    return SimpleNamespace(tokens=(np.cumsum(rng.choice([1, 1, 2], size=n)) % 17).astype(np.uint16))
+
+
+def make_trainer(run_dir, objective=None, **kw):
+    values = dict(max_steps=8, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=0, log_every=1,
+                  tensorboard=False, progress=False, seed=3, device="cpu")
+    values.update(kw)
+    cfg = TrainConfig(**values)
+    torch.manual_seed(cfg.seed)
+    batcher = CLMBatcher(_tokens(3000, 0), _tokens(400, 1), seq_len=8, batch_size=4, seed=cfg.seed)
+    return Trainer(TinyLM(), objective or CLMObjective(), batcher, cfg, run_dir, run_config={"arch": "tiny", "model": {}})
+
+
+def train_losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"}
+
+
+# ---- checkpoints: a marker written last; temporaries of a dead run removed ------------------------------
+def test_checkpoint_marker_lists_every_file_and_detects_damage(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "run" / "checkpoints" / "step-2", model=TinyLM(), config={"arch": "tiny", "model": {}},
+                           trainer_state={"step": 2})
+    marker = json.loads((ckpt / MARKER).read_text())
+    assert set(marker["files"]) == {"config.yaml", "model.safetensors", "trainer_state.json"}
+    assert all(marker["files"][n] == (ckpt / n).stat().st_size for n in marker["files"])
+    assert is_complete(ckpt) and find_checkpoint(tmp_path / "run") == ckpt
+    # a damaged (truncated) file makes it incomplete: not picked, and named when asked for directly
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[:-10])
+    assert not is_complete(ckpt) and step_checkpoints(tmp_path / "run") == []
+    with pytest.raises(CheckpointError, match=r"step-2: incomplete checkpoint"):
+        find_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match=r"holds no complete checkpoints/step-N"):
+        find_checkpoint(tmp_path / "run")
+
+
+def test_newest_complete_checkpoint_wins_and_stale_temporaries_go(tmp_path):
+    run = tmp_path / "run"
+    for step in (2, 4):
+        save_checkpoint(run / "checkpoints" / f"step-{step}", model=TinyLM(), config={"arch": "tiny", "model": {}})
+    # a newer one without its marker's files intact, and a half-written temporary of a killed save
+    (run / "checkpoints" / "step-6").mkdir()
+    (run / "checkpoints" / "step-6" / MARKER).write_text(json.dumps({"format": 1, "files": {"model.safetensors": 99}}))
+    (run / "checkpoints" / ".step-8.x1y2.tmp").mkdir()
+    (run / "checkpoints" / ".step-8.x1y2.tmp" / "model.safetensors").write_bytes(b"half")
+    assert find_checkpoint(run).name == "step-4"
+    done = clean_stale_checkpoints(run)
+    assert len(done) == 1 and not (run / "checkpoints" / ".step-8.x1y2.tmp").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+
+
+# ---- metrics.jsonl: valid JSON always, a torn last line does not stop resume --------------------------------
+def test_torn_metrics_line_does_not_stop_resume(tmp_path, capsys):
+    import shutil
+
+    full = tmp_path / "full"
+    make_trainer(full, max_steps=8, save_every=4).fit()
+    # the same run killed at step 7 while writing its metrics line: the newest checkpoint is step 4
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    shutil.rmtree(run / "checkpoints" / "step-8")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:6]) + "\n" + lines[6][:25])
+    assert find_checkpoint(run).name == "step-4"
+    make_trainer(run, max_steps=8, save_every=4).fit(resume=run)
+    assert "line 7 is not a whole metrics record" in capsys.readouterr().err
+    assert train_losses(run) == train_losses(full)
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)
+
+
+def test_metrics_write_non_finite_as_null(tmp_path):
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.write(1, "train", {"loss": float("nan"), "grad_norm": float("inf"), "lr": 0.1})
+    log.close()
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(text) == {"step": 1, "split": "train", "loss": None, "grad_norm": None, "lr": 0.1}
+    assert "NaN" not in text and "Infinity" not in text
+    assert plot_curves(tmp_path / "metrics.jsonl", tmp_path / "loss.png") is None  # nothing finite to draw
+
+
+# ---- non-finite losses: the step is skipped; too many in a row stop the run --------------------------------
+class FlakyCLM(CLMObjective):
+    """CLM whose loss is NaN at the given (0-based) steps; the step counter follows the train batches."""
+
+    def __init__(self, bad_steps):
+        super().__init__()
+        self.bad_steps, self.calls = set(bad_steps), 0
+
+    def loss(self, model, batch):
+        loss, metrics = super().loss(model, batch)
+        if model.training:
+            step, self.calls = self.calls, self.calls + 1
+            if step in self.bad_steps:
+                loss = loss * float("nan")
+        return loss, metrics
+
+
+def test_nonfinite_step_is_skipped_with_a_warning(tmp_path, capsys):
+    trainer = make_trainer(tmp_path / "run", FlakyCLM({3}), max_steps=6)
+    before = {}
+
+    real_step = trainer._train_step
+
+    def spy(step):
+        before[step] = [p.detach().clone() for p in trainer.raw_model.parameters()]
+        return real_step(step)
+
+    trainer._train_step = spy
+    trainer.fit()
+    err = capsys.readouterr().err
+    assert "warning: step 4: non-finite loss nan" in err and "step skipped" in err
+    # step index 3 changed nothing: the weights before step 4 equal those before step 3
+    for a, b in zip(before[3], before[4]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    losses = train_losses(tmp_path / "run")
+    assert losses[4] is None and all(math.isfinite(losses[s]) for s in (1, 2, 3, 5, 6))
+    assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
+
+
+def test_diverged_run_stops_with_a_clear_error(tmp_path):
+    trainer = make_trainer(tmp_path / "run", FlakyCLM(range(2, 100)), max_steps=20, max_nonfinite_steps=3)
+    with pytest.raises(DivergedError, match=r"training diverged: 4 steps in a row up to step 6 had a non-finite loss"
+                                            r".*train\.max_nonfinite_steps=3"):
+        trainer.fit()
+
+
+# ---- progress under a pipe: one line every N seconds ---------------------------------------------------------
+def test_progress_under_a_pipe_prints_a_line_every_n_seconds():
+    out = io.StringIO()  # not a terminal
+    now = [0.0]
+    bar = Progress(total=100, initial=0, every=10.0, stream=out, clock=lambda: now[0])
+    for step in range(100):
+        now[0] += 0.25  # a step every 0.25 s: a line every 40 steps
+        bar.update(1)
+        bar.set_postfix(loss=f"{3 - step / 100:.2f}", refresh=False)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert [ln.split()[2] for ln in lines] == ["40/100", "80/100", "100/100"]
+    assert lines[0].startswith("train step 40/100 (40%)  loss 2.62  4.00 step/s  elapsed 0:00:10  eta 0:00:15")
+
+
+# ---- config values checked up front -----------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value,message", [
+    ("log_every", 0, "train.log_every must be at least 1, got 0"),
+    ("threads", -1, "train.threads must be at least 1 (or null), got -1"),
+    ("device", "foo", "train.device: 'foo' is not a device"),
+    ("beta1", -0.1, "train.beta1 must be in [0, 1), got -0.1"),
+    ("beta2", 2.0, "train.beta2 must be in [0, 1), got 2.0"),
+    ("eps", -1.0, "train.eps must be > 0, got -1.0"),
+    ("weight_decay", -1.0, "train.weight_decay and train.grad_clip must be >= 0"),
+    ("grad_clip", -1.0, "train.weight_decay and train.grad_clip must be >= 0"),
+    ("eval_every", -1, "train.eval_every must be >= 0, got -1"),
+    ("save_every", -1, "train.save_every must be >= 0, got -1"),
+    ("keep_checkpoints", 0, "train.keep_checkpoints must be at least 1, got 0"),
+    ("eval_batches", 0, "train.eval_batches must be at least 1 (or null), got 0"),
+    ("decay_steps", 0, "train.decay_steps must be at least 1 (or null), got 0"),
+    ("seed", -1, "train.seed must be >= 0, got -1"),
+    ("lr", float("nan"), "train.lr must be a finite number, got nan"),
+    ("max_nonfinite_steps", -1, "train.max_nonfinite_steps must be >= 0, got -1"),
+    ("progress_every", 0.0, "train.progress_every must be > 0 seconds, got 0.0"),
+])
+def test_train_config_ranges(field, value, message):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(**{field: value})
+    assert message in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_device_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.device: 'cuda' but this machine has no CUDA device"):
+        check_device("cuda", "train.device")
+    with pytest.raises(ConfigError, match=r"train\.device: 'cuda:1' but this machine has no CUDA device"):
+        make_trainer(tmp_path / "run", device="cuda:1")
+    assert not (tmp_path / "run").exists()
