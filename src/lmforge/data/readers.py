@@ -458,7 +458,8 @@ def read_conll(path: str | Path, *, word_col: int = 0, tag_col: int = -1, scheme
         try:
             sentence.tags, n = _convert(tags, scheme)
         except _BadTag as e:
-            raise DataError(f"{sentence.word_where(e.i)}: tag {tags[e.i]!r}: {e.reason} (file read as {scheme})") from None
+            raise DataError(f"{sentence.word_where(e.i)}: tag {tags[e.i]!r}: {e.reason} "
+                            f"(file read as {scheme})") from None
         repaired += n
         out.append(sentence)
     return TaggedFile(out, scheme, 0 if scheme == "IOB1" else repaired)
@@ -527,6 +528,7 @@ class LabelSet:
             if isinstance(ex, TaggedSentence):
                 for i, tag in enumerate(ex.tags):
                     if tag not in self._index:
-                        raise DataError(f"{ex.word_where(i)}: tag {tag!r} never seen in training (known: {self._known()})")
+                        raise DataError(f"{ex.word_where(i)}: tag {tag!r} never seen in training "
+                                        f"(known: {self._known()})")
             elif ex.label is not None and ex.label not in self._index:
                 raise DataError(f"{ex.where}: label {ex.label!r} never seen in training (known: {self._known()})")
