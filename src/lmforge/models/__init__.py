@@ -14,6 +14,7 @@ ARCHS: dict[str, tuple[str, str, str]] = {
     "gpt": ("lmforge.models.gpt", "GPTConfig", "GPT"),
     "bert": ("lmforge.models.bert", "BertConfig", "Bert"),
     "lstm": ("lmforge.models.lstm", "LSTMConfig", "LSTMLM"),
+    "ngram": ("lmforge.models.ngram", "NGramConfig", "NGramLM"),
 }
 
 

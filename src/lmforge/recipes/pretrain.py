@@ -75,6 +75,9 @@ def _load_base(init_from: str, tokenizer, model: dict[str, Any] | None):
     if model:
         raise ConfigError("--init_from takes the model config from the checkpoint; do not also give --model.*")
     base, base_tok, base_cfg = load(init_from)
+    if base_cfg["arch"] == "ngram":
+        raise ConfigError(f"--init_from {init_from}: an n-gram model is a table of counts, not weights to train "
+                          f"further; start from a gpt, bert or lstm run")
     if base_tok.hash != tokenizer.hash:
         raise ConfigError(f"--init_from {init_from}: its tokenizer differs from the one the data was prepared with; "
                           f"prepare the data with {init_from}'s tokenizer.json")
@@ -97,7 +100,8 @@ def pretrain(
 
     Args:
         data: the prepared data (`--data.path DIR`, `--data.seq_len N`).
-        arch: model architecture: gpt, bert or lstm.
+        arch: model architecture: gpt, bert, lstm (recurrent: --model.cell rnn|gru|lstm) or ngram
+            (Kneser-Ney n-gram, --model.order N: counted, not trained; see lmforge.recipes.ladder).
         model: the architecture's config fields (`--model.n_layer 4 --model.d_model 128 ...`).
         objective: clm (causal LM), mlm, mlm+nsp or simcse.
         objective_args: the objective's options (`--objective_args.whole_word true`).
@@ -116,6 +120,10 @@ def pretrain(
     from lmforge.train.protocols import ObjectiveContext
     from lmforge.train.trainer import Trainer, resolve_device
 
+    if arch == "ngram":  # counted from the shards, not trained by gradient steps
+        from lmforge.recipes.ladder import pretrain_ngram
+
+        return pretrain_ngram(data, model, objective, objective_args, train, name, runs_dir, resume, init_from)
     train_cfg = train or TrainConfig()
     data = data or DataConfig()
     if not data.path:
