@@ -24,6 +24,7 @@ VERBS: dict[str, str] = {
     "embed": "lmforge.recipes.embed:embed",
     "fill_mask": "lmforge.recipes.fill_mask:fill_mask",
     "attention": "lmforge.recipes.attention:attention",
+    "serve": "lmforge.recipes.serve:serve",
 }
 
 
