@@ -1,0 +1,255 @@
+"""`lmforge finetune / evaluate / predict` end to end on tiny models and made-up data: learning, exact
+resume mid-epoch, pinned losses, reports checked against scikit-learn and seqeval, and every bad input."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from lmforge.cli import main, run_verb
+from lmforge.errors import LmforgeError
+from lmforge.text.tokenizer import train_tokenizer
+
+POS = "good great fine lovely superb nice".split()
+NEG = "bad awful poor boring dull terrible".split()
+FILL = "the movie film plot was is and it a very really quite story acting".split()
+TINY_BERT = ["--arch", "bert", "--model.n_layer", "2", "--model.n_head", "2", "--model.d_model", "32",
+             "--model.d_ff", "64", "--model.max_position", "64", "--model.dropout", "0.1"]
+
+
+def sentence(rng, label):
+    words = rng.sample(FILL, 4) + [rng.choice(POS if label == "pos" else NEG)]
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def write_table(path, rows, header=("sentence", "label")):
+    path.write_text("\n".join(["\t".join(header)] + ["\t".join(r) for r in rows]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cls_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cls")
+    rng = random.Random(0)
+    splits = {}
+    for split, n in (("train", 240), ("dev", 60)):
+        rows = [(sentence(rng, lab), lab) for lab in (rng.choice(["pos", "neg"]) for _ in range(n))]
+        splits[split] = write_table(d / f"{split}.tsv", rows)
+    texts = [line.split("\t")[0] for line in splits["train"].read_text().splitlines()[1:]]
+    tok = train_tokenizer(texts, kind="wordpiece", vocab_size=120, min_frequency=1)
+    tok.save(d / "tok.json")
+    return d
+
+
+FIRST, LAST, PLACES = ["alice", "bob", "carol"], ["smith", "jones"], ["paris", "rome", "oslo"]
+OTHER = "met in at went to saw with the yesterday".split()
+
+
+@pytest.fixture(scope="module")
+def ner_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ner")
+    rng = random.Random(1)
+
+    def sent():
+        out = []
+        for _ in range(rng.randint(3, 7)):
+            r = rng.random()
+            if r < 0.25:  # a first name, sometimes with a last name: unambiguous B-PER (I-PER)
+                out.append((rng.choice(FIRST), "B-PER"))
+                if rng.random() < 0.5:
+                    out.append((rng.choice(LAST), "I-PER"))
+            elif r < 0.45:
+                out.append((rng.choice(PLACES), "B-LOC"))
+            else:
+                out.append((rng.choice(OTHER), "O"))
+        return out
+
+    for split, n in (("train", 160), ("dev", 40)):
+        (d / f"{split}.txt").write_text("\n\n".join("\n".join(f"{w} {t}" for w, t in sent()) for _ in range(n)) + "\n")
+    words = [ln.split()[0] for ln in (d / "train.txt").read_text().splitlines() if ln.strip()]
+    train_tokenizer([" ".join(words)], kind="wordpiece", vocab_size=100, min_frequency=1).save(d / "tok.json")
+    return d
+
+
+def cls_args(d, tmp_path, name="run", steps=60, extra=()):
+    return ["--task", "classify", "--data.train", str(d / "train.tsv"), "--data.dev", str(d / "dev.tsv"),
+            "--data.text", "sentence", "--data.label", "label", "--data.max_length", "32", "--tokenizer",
+            str(d / "tok.json"), *TINY_BERT, "--train.max_steps", str(steps), "--train.batch_size", "16",
+            "--train.lr", "3e-3", "--train.eval_every", "20", "--train.log_every", "1", "--train.device", "cpu",
+            "--train.progress", "false", "--train.tensorboard", "false", "--name", name, "--runs_dir",
+            str(tmp_path / "runs"), *extra]
+
+
+def train_losses(run_dir):
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def test_classify_learns_and_reports(cls_data, tmp_path):
+    summary = run_verb("finetune", cls_args(cls_data, tmp_path))
+    assert summary["best"]["value"] >= 0.9  # the keyword decides the label
+    run = tmp_path / "runs" / "run"
+    assert (run / "best" / "model.safetensors").is_file()
+    cfg = (run / "best" / "config.yaml").read_text()
+    assert "labels:" in cfg and "- neg" in cfg and "- pos" in cfg
+    # evaluate: report.json / report.md / confusion.png, equal to scikit-learn on the predictions
+    report = run_verb("evaluate", [str(run), "--data", str(cls_data / "dev.tsv"), "--out", str(tmp_path / "rep")])
+    for f in ("report.json", "report.md", "confusion.png"):
+        assert (tmp_path / "rep" / f).is_file()
+    run_verb("predict", [str(run), "--data", str(cls_data / "dev.tsv"), "--out", str(tmp_path / "p.jsonl")])
+    preds = [json.loads(l) for l in (tmp_path / "p.jsonl").read_text().splitlines()]
+    gold = [l.split("\t")[1] for l in (cls_data / "dev.tsv").read_text().splitlines()[1:]]
+    assert len(preds) == len(gold) == 60
+    sklearn = pytest.importorskip("sklearn.metrics")
+    pred_labels = [p["label"] for p in preds]
+    m = report["metrics"]
+    assert m["accuracy"] == pytest.approx(sklearn.accuracy_score(gold, pred_labels))
+    assert m["macro_f1"] == pytest.approx(sklearn.f1_score(gold, pred_labels, average="macro"))
+    assert m["accuracy"] == pytest.approx(summary["best"]["value"])  # the best checkpoint is what evaluate reads
+    for p in preds:
+        assert set(p["probs"]) == {"neg", "pos"} and p["score"] == pytest.approx(max(p["probs"].values()))
+        assert sum(p["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "accuracy" in md and "Confusion matrix" in md and str(cls_data / "dev.tsv") in md
+
+
+def test_resume_mid_epoch_is_exact(cls_data, tmp_path):
+    # 240 examples / 16 = 15 steps an epoch: resume from step 7 (mid-epoch), run across two epoch ends
+    extra = ("--train.save_every", "7", "--train.keep_checkpoints", "10", "--train.eval_every", "10")
+    run_verb("finetune", cls_args(cls_data, tmp_path, "full", steps=35, extra=extra))
+    full = tmp_path / "runs" / "full"
+    cut = tmp_path / "runs" / "cut"
+    shutil.copytree(full, cut)
+    for step in (14, 21, 28, 35):
+        shutil.rmtree(cut / "checkpoints" / f"step-{step}", ignore_errors=True)
+    shutil.rmtree(cut / "best")
+    run_verb("finetune", cls_args(cls_data, tmp_path, "cut", steps=35, extra=extra + ("--resume", "latest")))
+    assert train_losses(cut) == train_losses(full)
+    a = (full / "checkpoints" / "step-35" / "model.safetensors").read_bytes()
+    b = (cut / "checkpoints" / "step-35" / "model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_recorded_losses(cls_data, tmp_path):
+    """Pinned: a refactor that changes the fine-tuning math (init, batching, head, loss) fails here."""
+    run_verb("finetune", cls_args(cls_data, tmp_path, "pin", steps=4))
+    got = [round(v, 4) for _, v in sorted(train_losses(tmp_path / "runs" / "pin").items())]
+    assert got == pytest.approx(RECORDED, abs=2e-4)
+
+
+RECORDED = [0.6964, 0.6622, 0.6207, 0.7153]
+
+
+def test_recorded_losses_crf(ner_data, tmp_path):
+    run_verb("finetune", ner_args(ner_data, tmp_path, "pin", True, steps=4))
+    got = [round(v, 4) for _, v in sorted(train_losses(tmp_path / "runs" / "pin").items())]
+    assert got == pytest.approx(RECORDED_CRF, abs=2e-4)
+
+
+RECORDED_CRF = [4.8114, 7.1684, 10.262, 8.0501]
+
+
+def ner_args(d, tmp_path, name, crf, steps=80):
+    return ["--task", "tag", "--data.train", str(d / "train.txt"), "--data.dev", str(d / "dev.txt"),
+            "--tokenizer", str(d / "tok.json"), *TINY_BERT, "--task_args.crf", str(crf).lower(), "--train.log_every", "1",
+            "--train.max_steps", str(steps), "--train.batch_size", "16", "--train.lr", "3e-3",
+            "--train.eval_every", "40", "--train.device", "cpu", "--train.progress", "false",
+            "--train.tensorboard", "false", "--name", name, "--runs_dir", str(tmp_path / "runs")]
+
+
+@pytest.mark.parametrize("crf", [False, True])
+def test_tagging_learns_and_matches_seqeval(ner_data, tmp_path, crf):
+    seqeval = pytest.importorskip("seqeval.metrics")
+    summary = run_verb("finetune", ner_args(ner_data, tmp_path, "ner", crf))
+    assert summary["best"]["value"] > 0.8
+    run = tmp_path / "runs" / "ner"
+    report = run_verb("evaluate", [str(run), "--data", str(ner_data / "dev.txt"), "--out", str(tmp_path / "rep")])
+    run_verb("predict", [str(run), "--data", str(ner_data / "dev.txt"), "--out", str(tmp_path / "p.jsonl")])
+    preds = [json.loads(l)["tags"] for l in (tmp_path / "p.jsonl").read_text().splitlines()]
+    gold = [[ln.split()[1] for ln in block.splitlines()] for block in (ner_data / "dev.txt").read_text().strip().split("\n\n")]
+    assert [len(p) for p in preds] == [len(g) for g in gold]
+    assert report["metrics"]["f1"] == pytest.approx(seqeval.f1_score(gold, preds))
+    assert report["metrics"]["precision"] == pytest.approx(seqeval.precision_score(gold, preds))
+    if crf:  # Viterbi under IOB2 constraints never emits I-X after O
+        for p in preds:
+            for a, b in zip(["O"] + p, p):
+                assert not (b.startswith("I-") and a == "O")
+
+
+def test_tag_predict_from_text_gives_character_offsets(ner_data, tmp_path):
+    run_verb("finetune", ner_args(ner_data, tmp_path, "ner", False))
+    from lmforge.tasks import load_task_model
+
+    m = load_task_model(tmp_path / "runs" / "ner")
+    assert m.task == "tag" and m.labels[0] == "O"
+    text = "yesterday  alice smith went to paris"
+    [out] = m.predict([{"text": text}])
+    assert out["words"] == text.split()
+    for ent in out["entities"]:
+        assert text[ent["start"]:ent["end"]] == ent["text"]
+        assert 0.0 <= ent["score"] <= 1.0
+
+
+# -- bad input: one line, exit 2 ---------------------------------------------------------------------
+def cli_error(args, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_unseen_dev_label(cls_data, tmp_path, capsys):
+    dev = write_table(tmp_path / "dev.tsv", [("the film was good", "pos"), ("it was so so", "meh")])
+    args = cls_args(cls_data, tmp_path)
+    args[args.index("--data.dev") + 1] = str(dev)
+    err = cli_error(["finetune", *args], capsys)
+    assert f"{dev}:3" in err and "'meh'" in err and "never seen in training" in err
+    assert not (tmp_path / "runs" / "run").exists()
+
+
+def test_missing_column(cls_data, tmp_path, capsys):
+    args = cls_args(cls_data, tmp_path)
+    args[args.index("--data.text") + 1] = "review"
+    err = cli_error(["finetune", *args], capsys)
+    assert "review" in err and "sentence" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--task": "clasify"}, "unknown task 'clasify' (did you mean 'classify'?)"),
+    ({"--data.max_length": "100"}, "data.max_length=100 exceeds the model's context length (64)"),
+    ({"--data.max_length": "2"}, "data.max_length must be at least 3"),
+    ({"--epochs": "0"}, "epochs must be > 0"),
+    ({"--task_args.pooling": "max"}, "task_args.pooling"),
+    ({"--task_args.crf": "true"}, "unknown config key 'task_args.crf'"),
+    ({"--task": "pair"}, "task pair needs data.text_pair"),
+])
+def test_bad_config(cls_data, tmp_path, capsys, change, message):
+    args = cls_args(cls_data, tmp_path)
+    for key, value in change.items():
+        if key in args:
+            args[args.index(key) + 1] = value
+        else:
+            args += [key, value]
+    err = cli_error(["finetune", *args], capsys)
+    assert message in err
+
+
+def test_init_from_with_arch_is_refused(cls_data, tmp_path):
+    with pytest.raises(LmforgeError, match="--init_from takes the architecture from the base"):
+        run_verb("finetune", cls_args(cls_data, tmp_path) + ["--init_from", str(tmp_path)])
+
+
+def test_evaluate_refuses_existing_report_and_non_task_models(cls_data, tmp_path, capsys):
+    run_verb("finetune", cls_args(cls_data, tmp_path, steps=2))
+    run = tmp_path / "runs" / "run"
+    out = tmp_path / "rep"
+    run_verb("evaluate", [str(run), "--data", str(cls_data / "dev.tsv"), "--out", str(out)])
+    err = cli_error(["evaluate", str(run), "--data", str(cls_data / "dev.tsv"), "--out", str(out)], capsys)
+    assert "--overwrite" in err
+    run_verb("evaluate", [str(run), "--data", str(cls_data / "dev.tsv"), "--out", str(out), "--overwrite"])
+    err = cli_error(["predict", str(run), "--data", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "p.jsonl")], capsys)
+    assert "nope.tsv: file not found" in err
