@@ -39,6 +39,58 @@ class DataConfig:
     path: str = ""
     seq_len: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ConfigError(f"data.seq_len must be at least 1, got {self.seq_len}")
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")  # what marks a folder as an lmforge run
+
+
+def run_directory(runs_dir: str, name: str, *, resume: Optional[str], overwrite: bool,
+                  rank: int = 0) -> tuple[Path, Optional[str]]:
+    """RUNS_DIR/NAME and the checkpoint to resume from, checked before any work starts.
+
+    NAME must stay inside RUNS_DIR. `resume` 'latest' continues the run's newest complete checkpoint, or
+    starts it from step 0 when there is none yet (a run killed before its first save); a path must be a
+    complete checkpoint. Without `resume`, a run that already holds checkpoints is refused unless
+    `overwrite` (then the old run is replaced once the new one starts); a folder that is not a run is
+    never replaced. The temporary folders a killed run left behind are removed first (rank 0).
+    """
+    from lmforge.storage import check_output
+    from lmforge.train.checkpoint import clean_stale_checkpoints, find_checkpoint, step_checkpoints
+
+    runs = Path(runs_dir)
+    run_dir = runs / name
+    inside = run_dir.resolve()
+    if not name or Path(name).is_absolute() or inside == runs.resolve() or not inside.is_relative_to(runs.resolve()):
+        raise ConfigError(f"name: {name!r} must be a folder name inside --runs_dir {runs_dir} (no '..', not absolute)")
+    if resume is not None and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: give one of them")
+    if rank == 0 and run_dir.is_dir():
+        from lmforge.storage import clean_temporaries
+
+        for note in clean_stale_checkpoints(run_dir) + clean_temporaries(run_dir):
+            print(f"note: {note} (left by a run that was stopped)", flush=True)
+    if resume in ("latest", "true", "True"):
+        if not step_checkpoints(run_dir):
+            print(f"note: {run_dir} holds no complete checkpoint yet; starting it from step 0", flush=True)
+            return run_dir, None
+        return run_dir, str(run_dir)
+    if resume is not None:
+        find_checkpoint(resume)  # a clear error now rather than after the run folder exists
+        return run_dir, resume
+    if rank == 0 and run_dir.exists():
+        found = step_checkpoints(run_dir)
+        if found and not overwrite:
+            raise ConfigError(f"{run_dir} already holds checkpoints (newest {found[-1].name}); pass --resume latest "
+                              f"to continue it, --overwrite to start it again, or another --name")
+        if not found and not overwrite and (run_dir / "config.yaml").is_file():
+            print(f"note: {run_dir} holds a run that stopped before its first checkpoint; starting it again", flush=True)
+        else:
+            check_output(run_dir, overwrite=overwrite, kind="dir", replaceable=RUN_FILES)
+    return run_dir, None
+
 
 def _objective_builder(name: str):
     if name not in OBJECTIVES:
@@ -95,6 +147,7 @@ def pretrain(
     runs_dir: str = "runs",
     resume: Optional[str] = None,
     init_from: Optional[str] = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Pretrain a model on prepared token shards.
 
@@ -108,16 +161,20 @@ def pretrain(
         train: the training loop's config (`--train.lr 3e-4 --train.max_steps 2000 ...`).
         name: run name; outputs go to RUNS_DIR/NAME (default: ARCH-OBJECTIVE-TIMESTAMP).
         runs_dir: where run directories are created.
-        resume: continue a stopped run exactly: 'latest' (this run's newest checkpoint) or a checkpoint path.
+        resume: continue a stopped run exactly: 'latest' (this run's newest complete checkpoint; a run
+            with none yet starts from step 0) or a checkpoint path.
         init_from: start from pretrained weights instead of a random init: an lmforge run or checkpoint
             directory, a transformers directory or a named source (`minilm-l6`). Its arch and model
             config are used (`--arch`/`--model.*` must not be given), and the data must have been
             prepared with its tokenizer.
+        overwrite: start again in a run directory that already holds a run (the old run is deleted when
+            the new one starts).
     """
     from lmforge.data.shards import open_prepared
     from lmforge.models import build_model
     from lmforge.train.distributed import apply_activation_checkpointing, apply_ddp, setup_distributed
     from lmforge.train.protocols import ObjectiveContext
+    from lmforge.train.config import check_device
     from lmforge.train.trainer import Trainer, resolve_device
 
     if arch == "ngram":  # counted from the shards, not trained by gradient steps
@@ -129,6 +186,7 @@ def pretrain(
     if not data.path:
         raise ConfigError("data.path is required: a directory written by `lmforge prepare` (--data.path DIR)")
     builder = _objective_builder(objective)
+    check_device(train_cfg.device, "train.device")
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
 
@@ -142,11 +200,7 @@ def pretrain(
         base, arch, model = _load_base(init_from, tokenizer, model)
     model_cfg, seq_len = resolve_model_config(arch, model, tokenizer.vocab_size, data.seq_len)
     name = name or f"{arch}-{objective.replace('+', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(runs_dir) / name
-    if resume in ("latest", "true", "True"):
-        resume = str(run_dir)
-    if resume is None and rank == 0 and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume latest to continue it, or another --name")
+    run_dir, resume = run_directory(runs_dir, name, resume=resume, overwrite=overwrite, rank=rank)
 
     run_config = {
         "name": name,
@@ -173,21 +227,24 @@ def pretrain(
             apply_activation_checkpointing(net, every=train_cfg.activation_checkpointing)
         except ValueError:
             raise ConfigError(f"train.activation_checkpointing: arch {arch} has no Transformer blocks to checkpoint") from None
-    if rank == 0:
+    def parallelize(m):  # torch.compile (train.compile) is applied by the trainer, to the whole loss
+        return apply_ddp(m, resolve_device(train_cfg.device)) if world_size > 1 else m
+
+    trainer = Trainer(net, obj, batcher, train_cfg, run_dir, run_config=run_config, tokenizer=tokenizer,
+                      rank=rank, world_size=world_size, parallelize=parallelize)
+    if rank == 0:  # everything is checked: only now is the run folder written
+        import shutil
+
         from lmforge.config import save_yaml
 
+        if overwrite and run_dir.is_dir():
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(run_config, run_dir / "config.yaml")
         describe = net.describe() if hasattr(net, "describe") else type(net).__name__
         print(f"{describe}; objective {objective}; {train_cfg.max_steps} steps of "
               f"{batcher.tokens_per_batch * train_cfg.grad_accum * world_size:,} tokens; "
               f"device {resolve_device(train_cfg.device)}; run dir {run_dir}", flush=True)
-
-    def parallelize(m):  # torch.compile (train.compile) is applied by the trainer, to the whole loss
-        return apply_ddp(m, resolve_device(train_cfg.device)) if world_size > 1 else m
-
-    trainer = Trainer(net, obj, batcher, train_cfg, run_dir, run_config=run_config, tokenizer=tokenizer,
-                      rank=rank, world_size=world_size, parallelize=parallelize)
     result = trainer.fit(resume=resume)
     summary = {
         "run_dir": str(run_dir),
