@@ -589,7 +589,7 @@ def prepare_contenders(args) -> dict[str, Callable[[], Contender]]:
             with open(os.devnull, "w") as null:  # its summary lines
                 stdout, sys.stdout = sys.stdout, null
                 try:
-                    prepare([str(IMDB)], str(out), str(tok_path))  # documents: blank-line separated
+                    prepare([str(IMDB)], str(out), str(tok_path), overwrite=True)  # documents: blank-line separated
                 finally:
                     sys.stdout = stdout
 

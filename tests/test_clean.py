@@ -190,6 +190,24 @@ def test_clean_verb_errors(tmp_path):
     assert not (tmp_path / "out.txt").exists()
     with pytest.raises(DataError, match="missing.txt: no such file"):
         clean([str(tmp_path / "missing.txt")], str(tmp_path / "out.txt"))
+    with pytest.raises(ConfigError, match=r"min_chars: must be >= 0, got -1"):
+        clean([str(src)], str(tmp_path / "out.txt"), min_chars=-1)
+
+
+def test_clean_never_overwrites_without_asking(tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("one\n\ntwo\n")
+    (tmp_path / "taken.txt").write_text("precious")
+    with pytest.raises(DataError, match=r"taken\.txt: exists; pass --overwrite to replace it"):
+        clean([str(src)], str(tmp_path / "taken.txt"))
+    assert (tmp_path / "taken.txt").read_text() == "precious"
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(DataError, match=r"adir: is a folder; the output is a file"):
+        clean([str(src)], str(tmp_path / "adir"), overwrite=True)
+    clean([str(src)], str(tmp_path / "taken.txt"), overwrite=True)
+    assert (tmp_path / "taken.txt").read_text() == "one\n\ntwo\n"
+    with pytest.raises(DataError, match=r"taken\.txt: exists; pass --overwrite"):  # the report is there too now
+        clean([str(src)], str(tmp_path / "taken.txt"))
 
 
 def test_clean_cli_error_is_one_line(tmp_path, capsys):

@@ -250,16 +250,25 @@ def test_bad_inputs(corpus, tmp_path):
     assert not Path(out).exists()  # nothing half-written
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "precious.txt").write_text("mine")
-    with pytest.raises(DataError, match=r"keep: exists and is not a prepared data directory"):
+    with pytest.raises(DataError, match=r"keep: exists and is not empty; pass --overwrite"):
         prepare([src], str(tmp_path / "keep"), tok)
+    with pytest.raises(DataError, match=r"keep: exists and does not look like this verb's output \(no index\.json\); "
+                                        r"refusing to replace it even with --overwrite"):
+        prepare([src], str(tmp_path / "keep"), tok, overwrite=True)
     assert (tmp_path / "keep" / "precious.txt").read_text() == "mine"
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(DataError, match=r"afile: exists and is a file; the output is a folder"):
+        prepare([src], str(tmp_path / "afile"), tok, overwrite=True)
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_reprepare_replaces_and_reader_errors(corpus, tmp_path):
     d, docs, _ = corpus
     out = tmp_path / "out"
     prepare([str(d / "corpus.txt")], str(out), str(d / "bpe.json"))
-    prepare([str(d / "corpus.txt")], str(out), str(d / "bpe.json"), sentences=True)  # replaces a prepared dir
+    with pytest.raises(DataError, match=r"out: exists and is not empty; pass --overwrite to replace it"):
+        prepare([str(d / "corpus.txt")], str(out), str(d / "bpe.json"), sentences=True)
+    prepare([str(d / "corpus.txt")], str(out), str(d / "bpe.json"), sentences=True, overwrite=True)  # replaces it
     assert TokenShards(out, "val").sent_offsets is not None
     with pytest.raises(DataError, match=r"no split 'test' \(has: train, val\)"):
         TokenShards(out, "test")

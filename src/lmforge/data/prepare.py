@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.storage import atomic_dir, atomic_write_json
+from lmforge.storage import atomic_dir, atomic_write_json, check_output
 from lmforge.text.clean import find_files, read_documents
 from lmforge.text.tokenizer import Tokenizer
 
@@ -171,14 +171,6 @@ def _encoder(tok: Tokenizer, sentences: bool):
 
 
 # ---- the verb -------------------------------------------------------------------------------------------
-def _check_out(out: Path) -> None:
-    if out.is_file():
-        raise DataError(f"{out}: exists and is a file; --out must be a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
-        raise DataError(f"{out}: exists and is not a prepared data directory; refusing to replace it "
-                        f"(choose another --out)")
-
-
 @contextlib.contextmanager
 def _parallelism(workers: int) -> Iterator[None]:
     """Let the Rust thread pool run (TOKENIZERS_PARALLELISM may have been turned off by a library);
@@ -202,12 +194,13 @@ def prepare(inputs: list[str], out: str, tokenizer: str, val_fraction: float = 0
             split: Literal["document", "tail"] = "document",
             doc_sep: Literal["blank_line", "line", "file"] = "blank_line", jsonl_field: str = "text",
             errors: Literal["strict", "replace"] = "strict", append_eos: Optional[bool] = None,
-            sentences: bool = False, workers: int = 0, seed: int = 0) -> dict:
+            sentences: bool = False, workers: int = 0, seed: int = 0, overwrite: bool = False) -> dict:
     """Tokenize a corpus into train/val token shards (OUT/train.bin, val.bin, index.json, ...).
 
     Args:
         inputs: text/JSON-lines files (optionally .gz) or folders of them.
-        out: output directory (written atomically; an existing prepared directory is replaced).
+        out: output directory (written atomically). An existing one is refused unless --overwrite, and
+            then replaced only if it is a prepared data directory.
         tokenizer: a tokenizer.json file or a directory containing one (from `lmforge tokenizer`).
         val_fraction: share held out for validation, in (0, 1): of documents (split=document) or of
             characters (split=tail).
@@ -222,6 +215,7 @@ def prepare(inputs: list[str], out: str, tokenizer: str, val_fraction: float = 0
             each sentence is tokenized on its own.
         workers: tokenizer threads; 0 = all cores.
         seed: seed of the document split.
+        overwrite: replace an existing prepared directory at OUT.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val_fraction: must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -229,8 +223,7 @@ def prepare(inputs: list[str], out: str, tokenizer: str, val_fraction: float = 0
         raise ConfigError(f"split: {split!r} is not one of 'document', 'tail'")
     if workers < 0:
         raise ConfigError(f"workers: must be >= 0 (0 = all cores), got {workers}")
-    out_dir = Path(out)
-    _check_out(out_dir)
+    out_dir = check_output(out, overwrite=overwrite, kind="dir", replaceable=["index.json"])
     tok = Tokenizer.load(tokenizer)
     if append_eos is None:
         append_eos = tok.kind == "bpe"

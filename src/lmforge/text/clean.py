@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator, Literal
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.storage import atomic_write_bytes, atomic_write_json
+from lmforge.storage import atomic_write_bytes, atomic_write_json, check_output
 
 DocSep = Literal["blank_line", "line", "file"]
 Errors = Literal["strict", "replace"]
@@ -245,7 +245,8 @@ def clean_documents(docs: Iterable[tuple[str, str]], *, min_chars: int = 1, dedu
 
 
 def clean(inputs: list[str], out: str, doc_sep: DocSep = "blank_line", jsonl_field: str = "text",
-          errors: Errors = "strict", min_chars: int = 1, dedup: bool = True, nfkc: bool = True) -> dict:
+          errors: Errors = "strict", min_chars: int = 1, dedup: bool = True, nfkc: bool = True,
+          overwrite: bool = False) -> dict:
     """Clean raw text files into one corpus file, plus a report (`OUT.report.json`).
 
     Args:
@@ -259,14 +260,20 @@ def clean(inputs: list[str], out: str, doc_sep: DocSep = "blank_line", jsonl_fie
         min_chars: drop documents shorter than this many characters after cleaning.
         dedup: drop exact duplicate documents.
         nfkc: apply Unicode NFKC normalisation.
+        overwrite: replace an existing OUT (and OUT.report.json); without it an existing one is an error.
     """
+    out_path = Path(out)
+    report_path = out_path.with_name(out_path.name + ".report.json")
+    check_output(out_path, overwrite=overwrite)
+    check_output(report_path, overwrite=overwrite)
+    if min_chars < 0:
+        raise ConfigError(f"min_chars: must be >= 0, got {min_chars}")
     docs, report = clean_documents(read_documents(inputs, doc_sep=doc_sep, jsonl_field=jsonl_field, errors=errors),
                                    min_chars=min_chars, dedup=dedup, nfkc=nfkc)
     if not docs:
         raise DataError(f"no documents left after cleaning {', '.join(map(str, inputs))} "
                         f"({report.docs_read} read: {report.dropped_empty} empty, "
                         f"{report.dropped_short} shorter than {min_chars} chars, {report.dropped_duplicate} duplicate)")
-    out_path = Path(out)
     base = out_path.name[:-3] if out_path.name.endswith(".gz") else out_path.name
     if base.endswith(".jsonl"):
         body = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for _, text in docs)
@@ -275,7 +282,7 @@ def clean(inputs: list[str], out: str, doc_sep: DocSep = "blank_line", jsonl_fie
     data = body.encode("utf-8")
     atomic_write_bytes(out_path, gzip.compress(data, mtime=0) if out_path.name.endswith(".gz") else data)
     result = {"out": str(out_path), **report.to_dict()}
-    atomic_write_json(out_path.with_name(out_path.name + ".report.json"), result)
+    atomic_write_json(report_path, result)
     print(report.summary())
     print(f"wrote {out_path}")
     return result
