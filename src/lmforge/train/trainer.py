@@ -535,9 +535,6 @@ class Trainer:
             values.update(self.evaluator(self.raw_model))
         if not values:
             return
-        clock = getattr(self, "_clock", None)
-        if clock is not None:  # training seconds so far in this process, validation time excluded
-            values["train_s"] = t0 - clock[0] - clock[1]
         name = self.cfg.best_metric
         if name:
             if name not in values:
@@ -552,11 +549,14 @@ class Trainer:
                 self.best["bad_evals"] += 1
             values = {**values, f"best_{name}": self.best["value"]}
         result.val = values
-        result.history.append({"step": step, **values})
-        if clock is not None:
+        timing = {}
+        clock = getattr(self, "_clock", None)
+        if clock is not None:  # training seconds so far in this process, validation time excluded (logged only)
+            timing["train_s"] = t0 - clock[0] - clock[1]
             clock[1] += time.perf_counter() - t0
+        result.history.append({"step": step, **values, **timing})
         if log is not None:
-            log.write(step, "val", values)
+            log.write(step, "val", {**values, **timing})
         if self.is_main:
             text = "  ".join(f"{k} {v:.4f}" for k, v in values.items())
             msg = f"step {step}: val {text}"
