@@ -49,7 +49,7 @@ def test_heatmap_png_and_rows_sum_to_one(tmp_path, lang, text, n_words, capsys):
     ckpt = checkpoint(tmp_path, lang, EN if lang == "en" else ZH)
     import lmforge
 
-    net, tok, _ = lmforge.load(ckpt)
+    net, tok, _ = lmforge.load_model(ckpt)
     for head in (None, 0, -1):
         matrix, labels, title = attention_matrix(net, tok, text, layer=-1, head=head)
         T = len(tok.encode(text)) + 2
@@ -72,7 +72,7 @@ def test_gpt_attention_is_causal(tmp_path):
     ckpt = checkpoint(tmp_path, "gpt", EN, arch="gpt")
     import lmforge
 
-    net, tok, _ = lmforge.load(ckpt)
+    net, tok, _ = lmforge.load_model(ckpt)
     matrix, labels, _ = attention_matrix(net, tok, "the cat sat on the mat", layer=0)
     np.testing.assert_allclose(matrix.sum(1), np.ones(len(labels)), atol=1e-5)
     assert np.allclose(np.triu(matrix, 1), 0)  # no token attends to a later one
@@ -112,7 +112,7 @@ def test_embed_writes_normalised_rows_in_line_order(tmp_path, capsys):
     # Each row equals that sentence embedded alone (padding in a batch changes nothing).
     import lmforge
 
-    net, tok, _ = lmforge.load(ckpt)
+    net, tok, _ = lmforge.load_model(ckpt)
     alone = encode_sentences(net, tok, [lines[2]], pooling="mean")
     np.testing.assert_allclose(e[2], alone[0].numpy(), atol=1e-5)
     embed(ckpt, str(tmp_path / "in.txt"), str(tmp_path / "e.safetensors"), pooling="cls")

@@ -265,7 +265,7 @@ def test_bad_inputs_are_config_errors(kwargs, message):
 
 
 # ---------------------------------------------------------------------------------------------------
-# the `lmforge generate` recipe (load_pretrained mocked)
+# the `lmforge generate` recipe (load_model mocked)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -293,7 +293,7 @@ def recipe(monkeypatch):
         calls.append((path, device))
         return net, tok, {"arch": "gpt"}
 
-    monkeypatch.setattr(mod, "load_pretrained", fake_load_pretrained)
+    monkeypatch.setattr(mod, "load_model", fake_load_pretrained)
     return mod, net, tok, calls
 
 
@@ -361,3 +361,59 @@ def test_cli_generate_verb(recipe, capsys):
     assert len(texts) == 1 and texts[0].startswith("hi")
     assert main(["generate", "runs/x", "--prompt", "hi", "--top_p", "0"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# the `lmforge generate` recipe on a real transformers directory (no mock: the one loader reads it)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_recipe_reads_a_transformers_gpt2_directory(tmp_path, capsys):
+    """A tiny random GPT2LMHeadModel saved with transformers' save_pretrained, with its tokenizer:
+    `lmforge generate DIR` continues prompts token for token as transformers' greedy generate does."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    from lmforge.recipes.generate import generate as generate_verb
+    from lmforge.text.tokenizer import train_tokenizer
+
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, hello fox", "北京是中国的首都"] * 5
+    bpe = train_tokenizer(corpus, kind="bpe", vocab_size=300, min_frequency=1)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe.backend, eos_token="<|endoftext|>",
+                                                  bos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=bpe.vocab_size, n_positions=40, n_embd=32, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=bpe.eos_id,
+                                  eos_token_id=bpe.eos_id)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # larger weights than GPT-2's init, so that the continuations vary
+        for p in hf.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "gpt2")
+    hf_tok.save_pretrained(tmp_path / "gpt2")
+
+    prompts = ["hello world", "the lazy", "北京"]
+    texts = generate_verb(str(tmp_path / "gpt2"), prompt=prompts, strategy="greedy", max_new_tokens=10, device="cpu")
+    continuations = []
+    for prompt, text in zip(prompts, texts):
+        ids = torch.tensor([hf_tok(prompt)["input_ids"]])
+        new = hf.generate(ids, do_sample=False, max_new_tokens=10, pad_token_id=bpe.eos_id,
+                          eos_token_id=bpe.eos_id)[0, ids.size(1):].tolist()
+        new = new[:new.index(bpe.eos_id)] if bpe.eos_id in new else new
+        assert text == prompt + hf_tok.decode(new)
+        continuations.append(tuple(new))
+    assert len(set(continuations)) > 1 and all(continuations)  # real continuations that depend on the prompt
+    assert texts[0] in capsys.readouterr().out
+
+
+def test_recipe_refuses_an_encoder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lmforge.recipes.generate import generate as generate_verb
+    from lmforge.text.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["a small corpus of words"] * 3, kind="wordpiece", vocab_size=40)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    bert.save_pretrained(tmp_path / "bert")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ConfigError, match="a BERT encoder does not generate text"):
+        generate_verb(str(tmp_path / "bert"), prompt="a", device="cpu")

@@ -10,10 +10,10 @@ import torch
 
 from lmforge.cli import main
 from lmforge.errors import CheckpointError
-from lmforge.interop.hf import export_hf, load, load_hf
+from lmforge.checkpoints import load_model, load_pretrained
+from lmforge.interop.hf import export_hf, load_hf
 from lmforge.interop.hf_tokenizer import load_hf_tokenizer
 from lmforge.models.bert import Bert, BertConfig
-from lmforge.train.checkpoint import load_pretrained
 from helpers import transformers_warnings
 
 transformers = pytest.importorskip("transformers")
@@ -193,12 +193,12 @@ def test_round_trip_through_cli(hf_dirs, tmp_path, capsys):
     assert cfg["interop"]["hf_architecture"] == "BertForPreTraining"
     assert main(["export", str(tmp_path / "ckpt"), "--format", "hf", str(tmp_path / "back")]) == 0
     assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
-    back, _, _ = load(tmp_path / "back")
+    back, _, _ = load_model(tmp_path / "back")
     for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
     import lmforge
 
-    again, _, _ = lmforge.load(tmp_path / "ckpt")  # an lmforge checkpoint through the same entry point
+    again, _, _ = lmforge.load_model(tmp_path / "ckpt")  # an lmforge checkpoint through the same entry point
     assert torch.equal(again.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight)
 
 
@@ -293,3 +293,50 @@ def test_cli_errors_are_one_line(hf_dirs, tmp_path, capsys):
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and "model_type 't5' (T5Model) is not supported" in err[0], err
     assert not (tmp_path / "ckpt").exists()
+
+
+# ---- one loader for every kind of model --------------------------------------------------------------------
+def test_load_model_reads_every_kind(hf_dirs, tmp_path):
+    """A transformers directory, an lmforge checkpoint, a run directory (its newest complete checkpoint) and a
+    fine-tuned checkpoint (its backbone, the task head left out) all come back through `load_model`."""
+    import lmforge
+    from lmforge.config import load_yaml, save_yaml
+    from lmforge.storage import load_tensors, save_tensors
+    from lmforge.train.checkpoint import save_checkpoint
+
+    model, tok, cfg = load_model(hf_dirs["BertForPreTraining"])
+    assert cfg["interop"]["hf_architecture"] == "BertForPreTraining" and not model.training
+    save_checkpoint(tmp_path / "ckpt", model=model, config=cfg, tokenizer=tok)
+    for step in (2, 4):
+        save_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{step}", model=model, config=dict(cfg, step=step),
+                        tokenizer=tok)
+    # a fine-tuned checkpoint: the backbone under its base names, the head beside it, a `task` section
+    (tmp_path / "tuned").mkdir()
+    shutil.copy(tmp_path / "ckpt" / "tokenizer.json", tmp_path / "tuned")
+    state = dict(load_tensors(tmp_path / "ckpt" / "model.safetensors"))
+    state.update({"head.classifier.weight": torch.ones(3, 32), "head.classifier.bias": torch.zeros(3)})
+    save_tensors(state, tmp_path / "tuned" / "model.safetensors")
+    save_yaml({**load_yaml(tmp_path / "ckpt" / "config.yaml"), "task": {"name": "classify", "labels": ["a", "b", "c"]}},
+              tmp_path / "tuned" / "config.yaml")
+
+    for path, step in ((tmp_path / "ckpt", None), (tmp_path / "run", 4), (tmp_path / "tuned", None)):
+        got, got_tok, got_cfg = lmforge.load_model(path)
+        assert type(got) is Bert and got_tok.hash == tok.hash and got_cfg.get("step") == step
+        for (k, a), (_, b) in zip(model.state_dict().items(), got.state_dict().items()):
+            assert torch.equal(a, b), (path, k)
+    with pytest.raises(CheckpointError, match="nowhere: no such directory .* a named source: minilm-l6"):
+        load_model(tmp_path / "nowhere")
+    save_yaml({**load_yaml(tmp_path / "ckpt" / "config.yaml")}, tmp_path / "tuned" / "config.yaml")  # no task section
+    with pytest.raises(CheckpointError, match="unexpected.*head.classifier"):
+        load_model(tmp_path / "tuned")
+
+
+def test_interop_and_the_loader_do_not_import_training():
+    import subprocess
+    import sys
+
+    code = ("import sys, lmforge.interop.hf, lmforge.checkpoints, lmforge.recipes.embed, lmforge.recipes.attention, "
+            "lmforge.recipes.fill_mask, lmforge.recipes.generate; "
+            "print(sorted(m for m in sys.modules if m.startswith('lmforge.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

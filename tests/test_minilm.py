@@ -37,7 +37,7 @@ def embed(model, tok, texts, batch_size=64):
 def loaded():
     import lmforge
 
-    return lmforge.load("minilm-l6")
+    return lmforge.load_model("minilm-l6")
 
 
 def test_missing_package_says_how_to_install(monkeypatch):

@@ -134,7 +134,7 @@ def test_recipe_weights_option(monkeypatch, trained, capsys):
         loaded.append(copy.deepcopy(trained))
         return loaded[-1], Tok(), {"arch": "gpt"}
 
-    monkeypatch.setattr(mod, "load_pretrained", fake_load)
+    monkeypatch.setattr(mod, "load_model", fake_load)
     plain = mod.generate("m", prompt="abcd", strategy="greedy", max_new_tokens=20)
     fast = mod.generate("m", prompt="abcd", strategy="greedy", max_new_tokens=20, weights="int8")
     assert isinstance(loaded[1].lm_head, LowPrecisionLinear) and isinstance(loaded[0].lm_head, nn.Linear)

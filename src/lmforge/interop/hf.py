@@ -6,8 +6,9 @@ directly. The name and config maps live in `hf_convert.py`, the tokenizer files 
 
     load_hf(dir)                     -> (model, tokenizer, run config)   HF directory -> lmforge
     export_hf(model, tokenizer, out) -> out                              lmforge -> HF directory
-    load(path)                       an HF directory, a named source (minilm-l6) or an lmforge
-                                     run/checkpoint directory, all as (model, tokenizer, config)
+
+Every verb reads models through `lmforge.checkpoints.load_model` (`lmforge.load_model`), which
+sends transformers directories and named sources here.
 
 The run config that `load_hf` returns is what `save_checkpoint` writes: `arch`, `model` and an
 `interop` section saying where the weights came from and which heads were not in them (and so are
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.checkpoints import load_model, unwrap
 from lmforge.config import to_dict
 from lmforge.errors import CheckpointError, LmforgeError
 from lmforge.interop.hf_convert import (BERT_HEADS, bert_config_from_hf, bert_config_to_hf, bert_state_from_hf,
@@ -203,7 +205,6 @@ def export_hf(model: nn.Module, tokenizer: Any, out: str | Path, *, architecture
     """
     from lmforge.interop.hf_tokenizer import save_hf_tokenizer
     from lmforge.models import arch_of
-    from lmforge.train.checkpoint import unwrap
 
     model = unwrap(model)
     arch = arch_of(model)
@@ -220,7 +221,7 @@ def export_hf(model: nn.Module, tokenizer: Any, out: str | Path, *, architecture
         raise CheckpointError(f"a {arch} model has no transformers equivalent; {SUPPORTED}")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
-    max_len = model.config.max_position if arch == "bert" else model.config.block_size
+    max_len = model.config.context_length
     state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "config.json", hf_cfg)
@@ -229,20 +230,5 @@ def export_hf(model: nn.Module, tokenizer: Any, out: str | Path, *, architecture
     return Path(out)
 
 
-# ---- one loader for everything ------------------------------------------------------------------------------
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict[str, Any]]:
-    """(model in eval mode, tokenizer, run config) from a transformers directory, a named source
-    (`minilm-l6`), or an lmforge run or checkpoint directory."""
-    from lmforge.interop.minilm import SOURCES
-
-    if str(path) in SOURCES:
-        return load_hf(SOURCES[str(path)](), device)
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such directory (expected a transformers directory, an lmforge run or "
-                              f"checkpoint directory, or a named source: {', '.join(SOURCES)})")
-    if is_hf_dir(p):
-        return load_hf(p, device)
-    from lmforge.train.checkpoint import load_pretrained
-
-    return load_pretrained(p, device)
+# The one loader (`lmforge.checkpoints.load_model`) under the name earlier callers import.
+load = load_model

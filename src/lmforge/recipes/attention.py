@@ -173,7 +173,7 @@ def attention(model: str, text: str, layer: int = -1, head: str = "all", out: st
         out: the image file to write (.png; .svg and .pdf work too).
         device: cpu, cuda, ...
     """
-    import lmforge
+    from lmforge.checkpoints import load_model
 
     if Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"out: {out} must end in .png (or .svg, .pdf)")
@@ -184,7 +184,7 @@ def attention(model: str, text: str, layer: int = -1, head: str = "all", out: st
             head_index = int(head)
         except ValueError:
             raise ConfigError(f"head must be a head index or 'all', got {head!r}") from None
-    net, tokenizer, cfg = lmforge.load(model, device)
+    net, tokenizer, cfg = load_model(model, device)
     matrix, labels, title = attention_matrix(net, tokenizer, text, layer=layer, head=head_index, arch=cfg.get("arch"))
     ids = _tokens(net, tokenizer, text, cfg.get("arch"))
     path = plot_attention(matrix, labels, title, out, ids=ids)

@@ -51,13 +51,13 @@ def fill_mask(model: str, text: list[str], top_k: int = 5, device: str = "cpu") 
         top_k: predictions shown per [MASK].
         device: cpu, cuda, cuda:1, ...
     """
-    import lmforge
+    from lmforge.checkpoints import load_model
 
     if top_k < 1:
         raise ConfigError(f"top_k must be at least 1, got {top_k}")
     if not text:
         raise ConfigError("give at least one sentence with --text")
-    net, tokenizer, cfg = lmforge.load(model, device)
+    net, tokenizer, cfg = load_model(model, device)
     if cfg.get("arch") != "bert":
         raise ConfigError(f"{model}: fill_mask needs a BERT-family masked LM (arch bert), this is arch {cfg.get('arch')!r}")
     if "MLM head" in cfg.get("interop", {}).get("random_init", []):

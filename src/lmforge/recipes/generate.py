@@ -1,6 +1,6 @@
 """`lmforge generate`: continue prompts with a trained model.
 
-Build (load the model and tokenizer from a run or checkpoint directory), generate (in batches of
+Build (load the model and tokenizer: an lmforge run or checkpoint, or a transformers GPT-2 directory), generate (in batches of
 left-padded prompts), print. Text-level stop strings are handled here: they are passed to the
 library as token sequences (which stop generation when the model emits exactly that tokenization)
 and the decoded text is always cut at the first stop string.
@@ -16,7 +16,7 @@ import torch
 from lmforge.errors import ConfigError, DataError
 from lmforge.generation import generate as generate_ids
 from lmforge.quantize import prepare_for_generation
-from lmforge.train.checkpoint import load_pretrained
+from lmforge.checkpoints import load_model
 
 ROWS_PER_CALL = 32  # prompts x samples decoded together in one batch
 
@@ -43,7 +43,8 @@ def generate(
     """Generate text from a trained model: print each prompt with its completion and return them.
 
     Args:
-        model: a run directory (its newest checkpoint is used) or a checkpoint directory.
+        model: an lmforge run directory (its newest checkpoint is used) or checkpoint directory, or a
+            transformers GPT-2 directory.
         prompt: one or more prompts; an empty prompt starts from the end-of-text token
             (an unconditional sample). Default: one empty prompt.
         prompt_file: a UTF-8 text file whose whole content is one more prompt (a final newline is dropped).
@@ -76,7 +77,9 @@ def generate(
         raise ConfigError(f"strategy must be 'sample', 'greedy' or 'beam', got {strategy!r}")
     stops = [s for s in (stop or []) if s]
 
-    net, tok, _ = load_pretrained(model, device=_device(device))
+    net, tok, cfg = load_model(model, device=_device(device))
+    if cfg.get("arch") == "bert":
+        raise ConfigError(f"{model}: a BERT encoder does not generate text; give a causal LM (gpt, lstm)")
     prepare_for_generation(net, weights)
     encoded = [_encode(tok, p) for p in prompts]
     max_new_tokens = _fit_context(net, encoded, max_new_tokens)

@@ -122,11 +122,11 @@ def resolve_model_config(arch: str, model: dict[str, Any] | None, vocab_size: in
 
 def _load_base(init_from: str, tokenizer, model: dict[str, Any] | None):
     """(pretrained model, its arch, its model config) for `init_from`, checked against the data's tokenizer."""
-    from lmforge.interop.hf import load
+    from lmforge.checkpoints import load_model
 
     if model:
         raise ConfigError("--init_from takes the model config from the checkpoint; do not also give --model.*")
-    base, base_tok, base_cfg = load(init_from)
+    base, base_tok, base_cfg = load_model(init_from)
     if base_cfg["arch"] == "ngram":
         raise ConfigError(f"--init_from {init_from}: an n-gram model is a table of counts, not weights to train "
                           f"further; start from a gpt, bert or lstm run")
