@@ -22,6 +22,7 @@ VERBS: dict[str, str] = {
     "evaluate": "lmforge.recipes.evaluate:evaluate",
     "predict": "lmforge.recipes.predict:predict",
     "ablation": "lmforge.recipes.ablation:ablation",
+    "ladder": "lmforge.recipes.ladder:ladder",
     "generate": "lmforge.recipes.generate:generate",
     "import": "lmforge.recipes.hub:import_",
     "export": "lmforge.recipes.hub:export",

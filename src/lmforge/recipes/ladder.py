@@ -142,3 +142,305 @@ def _write_ngram_run(run_dir: Path, net, tokenizer, data_path: str, seq_len: int
         lines.append({"step": 0, "split": "val", **val})
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(ln) + "\n" for ln in lines))
     return save_checkpoint(run_dir / "checkpoints" / "step-0", model=net, config=run_config, tokenizer=tokenizer)
+
+
+# ---- the ladder -------------------------------------------------------------------------------------------------
+def ladder(
+    data: DataConfig = DataConfig(),
+    gpt: str = "shakespeare_char",
+    model: Optional[dict[str, Any]] = None,
+    train: Optional[dict[str, Any]] = None,
+    out: Optional[str] = None,
+    rungs: Optional[list[str]] = None,
+    budget_s: float = 180.0,
+    max_order: int = 8,
+    smoothing: str = "modified_kn",
+    recurrent_layers: int = 2,
+    curve_points: int = 10,
+    curve_batches: int = 20,
+    probe_steps: int = 30,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train every rung of the language-model ladder on one prepared dataset and report them side by side.
+
+    Args:
+        data: the prepared data (`--data.path DIR`; default: the preset's) and the window length
+            (`--data.seq_len N`; default: the preset's) every rung is trained and scored on.
+        gpt: a pretrain preset or YAML file: its (gpt) model is the Transformer rung and sets the
+            parameter count the recurrent rungs match; its train section is every neural rung's
+            (batch, learning rate, schedule shape, ...).
+        model: overrides of the GPT's model fields (`--model.d_model 192`).
+        train: overrides of the shared train fields (`--train.threads 1 --train.lr 2e-3`); max_steps,
+            decay_steps, eval and checkpoint cadence are set by the ladder.
+        out: the report directory (default runs/ladder-<data directory name>); one run directory per rung
+            goes inside it.
+        rungs: which rungs, in order (default all: ngram, rnn, gru, lstm, gpt).
+        budget_s: training wall time of each neural rung, in seconds (its steps are set from a probe).
+        max_order: the n-gram rung counts orders 1..max_order (those the vocabulary allows) and keeps the best.
+        smoothing: the n-gram smoothing: modified_kn or kn.
+        recurrent_layers: layers of the RNN, GRU and LSTM (their embedding width is the GPT's d_model;
+            the hidden size is solved so that the parameter count matches the GPT's).
+        curve_points: validation points on each neural rung's curve.
+        curve_batches: validation batches per curve point (the table scores the whole validation split).
+        probe_steps: steps of the speed probe that sets each neural rung's step count.
+        resume: reuse the rungs OUT already finished (a rung is finished when OUT/RUNG/ladder.json exists).
+
+    Returns:
+        The report: settings and one row per rung (also OUT/report.json).
+    """
+    from lmforge.data.shards import open_prepared
+    from lmforge.models import build_model
+
+    rungs = list(rungs or RUNGS)
+    _check_args(rungs, budget_s, max_order, smoothing, recurrent_layers, curve_points, curve_batches, probe_steps)
+    preset = load_yaml(preset_path(gpt))
+    if preset.get("arch", "gpt") != "gpt":
+        raise ConfigError(f"--gpt {gpt}: the Transformer rung needs a gpt preset, this one is arch {preset['arch']!r}")
+    data = data or DataConfig()
+    path = data.path or (preset.get("data") or {}).get("path")
+    if not path:
+        raise ConfigError("data.path is required: a directory written by `lmforge prepare` (--data.path DIR)")
+    seq_len = data.seq_len or (preset.get("data") or {}).get("seq_len") or (preset.get("model") or {}).get("block_size") or 128
+    train_split, val_split, tokenizer = open_prepared(path)
+    if val_split is None or len(val_split.tokens) <= seq_len:
+        raise ConfigError(f"{path}: the ladder needs a validation split longer than seq_len {seq_len}; "
+                          f"prepare the data with a val_fraction")
+    out_dir = Path(out or f"runs/ladder-{Path(path).name}")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
+        raise ConfigError(f"{out_dir} already exists and is not empty; pass --resume true to reuse its finished "
+                          f"rungs, or choose another --out")
+
+    gpt_values = {**(preset.get("model") or {}), **(model or {})}
+    gpt_values["block_size"] = seq_len
+    gpt_cfg, _ = resolve_model_config("gpt", gpt_values, tokenizer.vocab_size, seq_len)
+    target = _count_params(build_model("gpt", gpt_cfg))
+    shared = {**(preset.get("train") or {}), **(train or {})}
+    base_train = from_dict(TrainConfig, shared, "train")  # checks the user's train fields once, up front
+    if base_train.threads:
+        torch.set_num_threads(base_train.threads)
+    configs = {"gpt": ("gpt", to_dict(gpt_cfg))}
+    for cell in ("rnn", "gru", "lstm"):
+        configs[cell] = ("lstm", _matched_recurrent(cell, gpt_cfg, recurrent_layers, target, tokenizer.vocab_size))
+
+    windows = val_windows(val_split.tokens, seq_len)
+    curve_windows = windows[:curve_batches * base_train.batch_size]
+    settings = {"data": str(path), "seq_len": seq_len, "train_tokens": len(train_split.tokens),
+                "val_tokens": len(val_split.tokens), "val_windows": len(windows), "scored_tokens": int(windows.shape[0] * seq_len),
+                "vocab_size": tokenizer.vocab_size, "gpt": str(gpt), "budget_s": budget_s, "target_params": target,
+                "threads": torch.get_num_threads(), "device": base_train.device, "train": to_dict(base_train),
+                "curve_windows": len(curve_windows), "rungs": rungs}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rung in rungs:
+        record = out_dir / rung / "ladder.json"
+        if resume and record.is_file():
+            from lmforge.storage import read_json
+
+            rows.append(read_json(record))
+            print(f"[{rung}] reused {record}", flush=True)
+            continue
+        if (out_dir / rung).exists():
+            shutil.rmtree(out_dir / rung)  # an unfinished rung of an earlier ladder: start it again
+        if rung == "ngram":
+            row = _ngram_rung(out_dir, train_split.tokens, windows, curve_windows, tokenizer, path, seq_len,
+                              max_order, smoothing, base_train)
+        else:
+            arch, values = configs[rung]
+            row = _neural_rung(out_dir, rung, arch, values, shared, path, seq_len, budget_s, curve_points,
+                               curve_batches, probe_steps, windows)
+        atomic_write_json(record, row)
+        rows.append(row)
+    report = {"settings": settings, "rows": rows}
+    atomic_write_json(out_dir / "report.json", report)
+    _plot(rows, out_dir / "val_loss_vs_time.png", f"{Path(path).name}: validation loss against training time",
+          len(curve_windows) * seq_len)
+    atomic_write_text(out_dir / "report.md", report_markdown(report))
+    print(report_table(rows), flush=True)
+    print(f"report {out_dir / 'report.md'}  plot {out_dir / 'val_loss_vs_time.png'}", flush=True)
+    return report
+
+
+def _check_args(rungs, budget_s, max_order, smoothing, recurrent_layers, curve_points, curve_batches, probe_steps):
+    from lmforge.config import closest
+
+    for r in rungs:
+        if r not in RUNGS:
+            raise ConfigError(f"rungs: unknown rung '{r}'{closest(r, RUNGS)}; rungs are {', '.join(RUNGS)}")
+    if len(set(rungs)) != len(rungs):
+        raise ConfigError(f"rungs: each rung once, got {rungs}")
+    if not budget_s > 0:
+        raise ConfigError(f"budget_s must be > 0 seconds, got {budget_s}")
+    if max_order < 1:
+        raise ConfigError(f"max_order must be at least 1 (1 = unigram), got {max_order}")
+    if smoothing not in ("modified_kn", "kn"):
+        raise ConfigError(f"smoothing must be 'modified_kn' or 'kn', got {smoothing!r}")
+    for name, value, low in (("recurrent_layers", recurrent_layers, 1), ("curve_points", curve_points, 1),
+                             ("curve_batches", curve_batches, 1), ("probe_steps", probe_steps, 2)):
+        if value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}")
+
+
+def _count_params(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())  # tied weights once
+
+
+def _matched_recurrent(cell: str, gpt_cfg, n_layer: int, target: int, vocab_size: int) -> dict[str, Any]:
+    """The recurrent model's config whose parameter count is closest to `target`: the GPT's embedding
+    width and dropout, tied embeddings, and the hidden size found by bisection."""
+    from lmforge.models import build_model
+
+    values = {"vocab_size": vocab_size, "d_model": gpt_cfg.d_model, "n_layer": n_layer, "dropout": gpt_cfg.dropout,
+              "tie_embeddings": True, "cell": cell}
+
+    def params(h: int) -> int:
+        with torch.device("meta"):
+            return _count_params(build_model("lstm", {**values, "d_hidden": h}))
+
+    lo, hi = 1, 16384
+    while lo < hi:  # the smallest hidden size reaching the target
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if params(mid) < target else (lo, mid)
+    best = min((h for h in (lo - 1, lo) if h >= 1), key=lambda h: abs(params(h) - target))
+    return {**values, "d_hidden": best}
+
+
+def _ngram_rung(out_dir, train_tokens, windows, curve_windows, tokenizer, path, seq_len, max_order, smoothing,
+                base_train) -> dict[str, Any]:
+    from lmforge.models import model_config
+
+    V = tokenizer.vocab_size
+    orders = [k for k in range(1, max_order + 1) if V**k < 2**63]
+    tried, best = [], None
+    for k in orders:
+        cfg = model_config("ngram", {"vocab_size": V, "order": k, "smoothing": smoothing})
+        net, count_s = _count(train_tokens, cfg)
+        loss = val_nats(net, windows)
+        row = {"order": k, "ngrams": sum(net.config.ngrams), "params": net.num_params(), "count_s": count_s, "val_nats": loss}
+        tried.append(row)
+        print(f"[ngram] order {k}: val {loss:.4f} nats/token, {net.num_params():,} numbers, counted in {count_s:.1f} s",
+              flush=True)
+        if best is None or loss < best[0]["val_nats"]:
+            best = (row, net)
+        del net
+    row, net = best
+    val = {"loss": row["val_nats"], "ppl": math.exp(min(row["val_nats"], 50.0))}
+    _write_ngram_run(out_dir / "ngram", net, tokenizer, path, seq_len, base_train, row["count_s"], len(train_tokens), val)
+    curve = val_nats(net, curve_windows)
+    return {"rung": "ngram", "model": f"order {row['order']} ({smoothing.replace('_', ' ')})", "params": row["params"],
+            "steps": 0, "train_tokens": len(train_tokens), "train_s": row["count_s"], "val_nats": row["val_nats"],
+            "ppl": val["ppl"], "curve": [[row["count_s"], curve]], "orders": tried, "run_dir": str(out_dir / "ngram")}
+
+
+def _neural_rung(out_dir, rung, arch, values, shared, path, seq_len, budget_s, curve_points, curve_batches,
+                 probe_steps, windows) -> dict[str, Any]:
+    from lmforge.recipes.pretrain import pretrain
+    from lmforge.train.checkpoint import load_pretrained
+    from lmforge.train.trainer import resolve_device
+
+    data = DataConfig(path=str(path), seq_len=seq_len)
+    quiet = {"tensorboard": False, "progress": False, "save_every": 0, "keep_checkpoints": 1}
+    # 1. the speed probe: steady-state steps per second of this rung on this machine now
+    probe_dir = out_dir / ".probe"
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    every = max(1, probe_steps // 3)
+    probe_cfg = from_dict(TrainConfig, {**shared, **quiet, "max_steps": probe_steps, "decay_steps": None, "warmup_steps": 0,
+                                        "eval_every": 0, "eval_batches": 1, "log_every": every}, "train")
+    print(f"[{rung}] probing speed ({probe_steps} steps)", flush=True)
+    probe = pretrain(data, arch=arch, model=values, train=probe_cfg, name=rung, runs_dir=str(probe_dir))
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    tokens_per_step = probe_cfg.batch_size * probe_cfg.grad_accum * seq_len
+    steps = max(1, int(budget_s * probe["train_tokens_per_s"] / tokens_per_step))
+    # 2. the run: as many steps as fit the budget, with the preset's schedule shape stretched over them
+    eval_every = max(1, steps // curve_points)
+    warmup = min(int(shared.get("warmup_steps", 100)), steps // 10)
+    run_cfg = from_dict(TrainConfig, {**shared, **quiet, "max_steps": steps, "decay_steps": steps, "warmup_steps": warmup,
+                                      "eval_every": eval_every, "eval_batches": curve_batches, "log_every": eval_every},
+                        "train")
+    print(f"[{rung}] {steps} steps for a budget of {budget_s:.0f} s", flush=True)
+    start = time.perf_counter()
+    summary = pretrain(data, arch=arch, model=values, train=run_cfg, name=rung, runs_dir=str(out_dir))
+    wall = time.perf_counter() - start
+    curve, train_s = _curve(Path(summary["run_dir"]) / "metrics.jsonl")
+    # 3. the score: the whole validation split
+    device = resolve_device(run_cfg.device)
+    net, _, cfg = load_pretrained(summary["run_dir"], device=device)
+    loss = val_nats(net, windows, device)
+    return {"rung": rung, "model": _describe(rung, cfg["model"]), "params": _count_params(net), "steps": steps,
+            "train_tokens": steps * tokens_per_step, "train_s": train_s, "wall_s": wall, "val_nats": loss,
+            "ppl": math.exp(min(loss, 50.0)), "curve": curve, "run_dir": summary["run_dir"]}
+
+
+def _describe(rung: str, m: dict[str, Any]) -> str:
+    if rung == "gpt":
+        return f"{m['n_layer']} layers x {m['d_model']}, {m['n_head']} heads"
+    return f"{m['n_layer']} layers, embedding {m['d_model']}, hidden {m['d_hidden']}"
+
+
+def _curve(metrics: Path) -> tuple[list[list[float]], float]:
+    """([(training seconds, val loss)] at each validation, training seconds in all) from a run's
+    metrics.jsonl (the trainer logs `train_s`, validation time excluded, with each validation)."""
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    curve = [[r["train_s"], r["loss"]] for r in rows if r["split"] == "val" and "loss" in r and "train_s" in r]
+    return curve, (curve[-1][0] if curve else 0.0)
+
+
+def _plot(rows: list[dict], out: Path, title: str, curve_tokens: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    t_max = max([t for r in rows for t, _ in r["curve"]] + [1.0])
+    for r in rows:
+        if not r["curve"]:
+            continue
+        t, y = zip(*r["curve"])
+        if r["rung"] == "ngram":
+            line, = ax.plot(t, y, "*", ms=12, label=f"n-gram, {r['model']}")
+            ax.hlines(y[0], t[0], t_max, colors=line.get_color(), linestyles="dashed", lw=1)
+        else:
+            ax.plot(t, y, "o-", ms=3, lw=1.5, label=f"{r['rung'].upper()} ({r['params'] / 1e6:.2f}M)")
+    ax.set_xlabel("training time (s; counting time for the n-gram)")
+    ax.set_ylabel(f"validation loss (nats/token, first {curve_tokens:,} tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())
+
+
+def report_table(rows: list[dict]) -> str:
+    """The markdown table: one row per rung."""
+    lines = ["| rung | model | parameters | steps | train tokens | train time (s) | val nats/token | perplexity |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        name = {"ngram": "n-gram (KN)"}.get(r["rung"], r["rung"].upper())
+        steps = "counted" if r["rung"] == "ngram" else f"{r['steps']:,}"
+        lines.append(f"| {name} | {r['model']} | {r['params']:,} | {steps} | {r['train_tokens']:,} | "
+                     f"{r['train_s']:.0f} | {r['val_nats']:.4f} | {r['ppl']:.2f} |")
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict) -> str:
+    s, rows = report["settings"], report["rows"]
+    parts = [f"# Language-model ladder: {s['data']}", "",
+             f"{s['train_tokens']:,} training tokens; validation: {s['scored_tokens']:,} tokens scored in {s['val_windows']:,} "
+             f"windows of {s['seq_len']} (each token predicted from the tokens before it in its window), vocabulary "
+             f"{s['vocab_size']:,}. Neural rungs: about {s['target_params']:,} parameters (the GPT's, preset "
+             f"`{s['gpt']}`), {s['budget_s']:.0f} s of training each (steps set by a speed probe), batch "
+             f"{s['train']['batch_size']}, lr {s['train']['lr']}, {s['threads']} torch thread(s), device "
+             f"{s['device']}. Parameters of the n-gram: the numbers it stores (one probability per n-gram, one "
+             f"back-off weight per context).", "", report_table(rows), ""]
+    ngram = next((r for r in rows if r["rung"] == "ngram"), None)
+    if ngram:
+        parts += ["n-gram orders (the best is the rung above):", "", "| order | n-grams | count time (s) | val nats/token |",
+                  "|---:|---:|---:|---:|"]
+        parts += [f"| {o['order']} | {o['ngrams']:,} | {o['count_s']:.1f} | {o['val_nats']:.4f} |" for o in ngram["orders"]]
+        parts.append("")
+    parts += ["![validation loss against training time](val_loss_vs_time.png)", "",
+              "Run directories: " + ", ".join(f"`{r['run_dir']}`" for r in rows), ""]
+    return "\n".join(parts)
