@@ -170,6 +170,6 @@ def build_app(engines: dict[str, Engine], *, api_key: str | None = None, limits:
     async def _bug(request: Request, exc: Exception):  # a bug: answered 500, and the traceback is logged
         return error_of(exc).response()
 
-    routes = {r.path for r in app.routes if hasattr(r, "path")}
+    routes = {r.path for r in router.routes} | {"/", "/openapi.json"}
     app.add_middleware(Guard, api_key=api_key, metrics=metrics, routes=routes)
     return app

@@ -1,0 +1,112 @@
+"""Shared by the serving tests: tiny models saved with the checkpoint helpers, a real uvicorn server on a
+free loopback port in a thread, and small HTTP helpers (plain sockets, so nothing hides what is sent)."""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.config import to_dict
+from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.text.tokenizer import train_tokenizer
+from lmforge.train.checkpoint import save_checkpoint
+
+TEXT = ["the quick brown fox jumps over the lazy dog. the movie was good and the cat sat on the mat. "
+        "hello world, héllo wörld 你好世界。 once upon a time there was a king."] * 40
+
+
+def make_gpt(out: Path, *, position: str = "learned", block_size: int = 128, seed: int = 0) -> Path:
+    """A random 2-layer GPT with a small byte-level BPE tokenizer (eos = <|endoftext|>)."""
+    tok = train_tokenizer(TEXT, kind="bpe", vocab_size=300)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=320, block_size=block_size, n_layer=2, n_head=2, d_model=32, position=position))
+    save_checkpoint(out, model=model, config={"arch": "gpt", "model": to_dict(model.config)}, tokenizer=tok)
+    return out
+
+
+def make_bert(out: Path, seed: int = 0) -> Path:
+    """A random 2-layer BERT masked LM with a small WordPiece tokenizer."""
+    tok = train_tokenizer(TEXT, kind="wordpiece", vocab_size=200)
+    torch.manual_seed(seed)
+    model = Bert(BertConfig(vocab_size=tok.vocab_size, max_position=64, n_layer=2, n_head=2, d_model=32, d_ff=64))
+    save_checkpoint(out, model=model, config={"arch": "bert", "model": to_dict(model.config), "objective": "mlm"},
+                    tokenizer=tok)
+    return out
+
+
+class Server:
+    """`app` served by uvicorn on 127.0.0.1 (a port the OS picked) in a background thread."""
+
+    def __init__(self, app, grace_s: float = 5.0):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=grace_s)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+
+    def engine(self, name: str):
+        return self.app.state.engines[name]
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.sock.close()
+
+
+def request(port: int, method: str, path: str, body: bytes | str | dict | None = None,
+            headers: dict | None = None, timeout: float = 120) -> tuple[int, dict, bytes]:
+    """(status, headers, body bytes) of one HTTP request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    if isinstance(body, dict):
+        body = json.dumps(body)
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    conn.request(method, path, body=body, headers=dict({"Content-Type": "application/json"}, **(headers or {})))
+    res = conn.getresponse()
+    data = res.read()
+    conn.close()
+    return res.status, {k.lower(): v for k, v in res.getheaders()}, data
+
+
+def post(port: int, path: str, body, headers: dict | None = None) -> tuple[int, dict]:
+    status, _, data = request(port, "POST", path, body, headers)
+    return status, json.loads(data) if data else {}
+
+
+def metric(port: int, name: str, **labels) -> float:
+    """A sample's value from /metrics (0 when absent)."""
+    _, _, data = request(port, "GET", "/metrics")
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in data.decode().splitlines():
+        m = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if m and m.group(1) == name and ",".join(sorted((m.group(2) or "").split(","))).strip(",") == want:
+            return float(m.group(3))
+    return 0.0
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll until `predicate()` holds (a liveness wait, not a speed check)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
