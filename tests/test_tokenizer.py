@@ -88,6 +88,99 @@ def test_wordpiece_matches_transformers_bert(tmp_path, lowercase):
     assert tok.encode_pair(texts[0], texts[2]) == (pair["input_ids"], pair["token_type_ids"])
 
 
+# ---- model inputs through the tokenizer's own template, truncation and padding --------------------------------
+MODEL_TEXTS = ["Before we proceed any further, hear me SPEAK.", "Café naïve résumé unknownwordzzz",
+               "天子驾坐紫宸殿，受百官朝贺。", "Resolved!", "mixed 中文 and English: rather to die than to famish"]
+
+
+@pytest.fixture(scope="module")
+def bert_ref(tmp_path_factory, wordpiece):
+    """transformers' BertTokenizerFast over the same vocabulary: the reference for model inputs."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("vocab")
+    (d / "vocab.txt").write_text("\n".join(wordpiece.id_to_token(i) for i in range(wordpiece.vocab_size)) + "\n",
+                                 encoding="utf-8")
+    return transformers.BertTokenizerFast.from_pretrained(str(d))
+
+
+def _reference(ref, texts, pairs=None, **kw):
+    out = ref(texts, pairs, return_offsets_mapping=True, **kw)
+    return out, [out.word_ids(i) for i in range(len(texts))]
+
+
+@pytest.mark.parametrize("max_length, padding", [(None, True), (12, True), (9, False), (None, False)])
+def test_encode_for_model_equals_transformers_single(wordpiece, bert_ref, max_length, padding):
+    got = wordpiece.encode_for_model(MODEL_TEXTS, max_length=max_length, padding=padding)
+    ref, words = _reference(bert_ref, MODEL_TEXTS, truncation=max_length is not None, max_length=max_length,
+                            padding=padding)
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert got[key] == ref[key], key
+    assert got["offsets"] == [[tuple(o) for o in row] for row in ref["offset_mapping"]]
+    assert got["word_ids"] == words
+    full = [len(r) for r in wordpiece.encode_for_model(MODEL_TEXTS, padding=False)["input_ids"]]
+    assert got["truncated"] == [max_length is not None and n > max_length for n in full]
+    if padding:
+        assert len({len(r) for r in got["input_ids"]}) == 1
+
+
+@pytest.mark.parametrize("max_length", [None, 14, 7])
+def test_encode_for_model_equals_transformers_pairs(wordpiece, bert_ref, max_length):
+    """`[CLS] a [SEP] b [SEP]`, segment ids 0/1, longest-first truncation of the pair, right padding."""
+    firsts, seconds = MODEL_TEXTS[:4], MODEL_TEXTS[1:]
+    got = wordpiece.encode_for_model(firsts, seconds, max_length=max_length)
+    ref, words = _reference(bert_ref, firsts, seconds, truncation="longest_first" if max_length else False,
+                            max_length=max_length, padding=True)
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert got[key] == ref[key], key
+    assert got["word_ids"] == words
+    row = got["input_ids"][3]  # "Resolved!" + "mixed ...": [CLS] a [SEP] b [SEP] (then padding, if any)
+    a, b = wordpiece.encode(firsts[3]), wordpiece.encode(seconds[3])
+    if max_length is None:
+        assert row[: len(a) + len(b) + 3] == [2, *a, 3, *b, 3]
+
+
+def test_encode_for_model_pretokenized_words(wordpiece, bert_ref):
+    words = [["Before", "we", "proceed"], ["天子", "驾坐", "unknownwordzzz", "!"]]
+    got = wordpiece.encode_for_model(words, pretokenized=True, max_length=8)
+    ref, word_ids = _reference(bert_ref, words, is_split_into_words=True, truncation=True, max_length=8, padding=True)
+    assert got["input_ids"] == ref["input_ids"] and got["word_ids"] == word_ids
+
+
+def test_encode_for_model_of_a_bpe_adds_nothing_and_pads_with_endoftext(bpe):
+    got = bpe.encode_for_model(["hear me speak", "a"], max_length=3)
+    assert got["input_ids"][0] == bpe.encode("hear me speak")[:3]
+    assert got["input_ids"][1] == bpe.encode("a") + [bpe.pad_id] * (3 - len(bpe.encode("a")))
+    assert got["attention_mask"][1] == [1] * len(bpe.encode("a")) + [0] * (3 - len(bpe.encode("a")))
+
+
+def test_encode_for_model_leaves_the_tokenizer_unchanged_and_skips_specials_on_request(wordpiece):
+    before = wordpiece.hash
+    wordpiece.encode_for_model(MODEL_TEXTS, max_length=6)
+    assert wordpiece.hash == before and wordpiece.backend.truncation is None and wordpiece.backend.padding is None
+    plain = wordpiece.encode_for_model(["speak"], add_special_tokens=False, padding=False)["input_ids"][0]
+    assert plain == wordpiece.encode("speak")
+
+
+def test_encode_for_model_adds_the_bert_template_a_wordpiece_file_lacks(wordpiece):
+    bare = Tokenizer.from_str(wordpiece.to_str())
+    bare.backend.post_processor = None
+    assert bare.encode_for_model(["speak"], ["天子"], padding=False)["input_ids"] == \
+        wordpiece.encode_for_model(["speak"], ["天子"], padding=False)["input_ids"]
+
+
+def test_encode_for_model_errors(wordpiece):
+    with pytest.raises(ConfigError, match="max_length 2 leaves no room for text beside the 2 special tokens"):
+        wordpiece.encode_for_model(["speak"], max_length=2)
+    with pytest.raises(ConfigError, match="max_length 4 leaves no room .* 3 special tokens"):
+        wordpiece.encode_for_model(["speak"], ["a"], max_length=4)
+    with pytest.raises(ConfigError, match="2 texts but 1 pairs"):
+        wordpiece.encode_for_model(["a", "b"], ["c"])
+    with pytest.raises(ConfigError, match="padding needs a tokenizer with a padding token"):
+        build_char("abc").encode_for_model(["ab", "c"])
+    with pytest.raises(DataError, match="character 'z'"):
+        build_char("abc").encode_for_model(["az"], padding=False)
+
+
 # ---- char ------------------------------------------------------------------------------------------------
 def test_char_matches_nanogpt_on_tinyshakespeare():
     path = DATA / "tinyshakespeare" / "input.txt"

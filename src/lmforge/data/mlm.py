@@ -25,6 +25,12 @@ segment A is one or more consecutive sentences of a document, B is the actual ne
 `next_sentence_label` convention); `[CLS] A [SEP] B [SEP]`, token_type_ids 0 for `[CLS] A [SEP]` and 1
 for `B [SEP]`; with probability `short_seq_prob` a shorter target length is used; a pair too long is
 cut one token at a time from the longer segment, from its front or back at random.
+
+The rows are framed and padded here with numpy rather than by the tokenizer's post-processor and padding
+(`Tokenizer.encode_for_model`, which text inputs use): the batchers read token ids from the shards, not
+text, and the `tokenizers` library frames and pads only the encodings it makes from text itself (ids
+turned back into token strings would be tokenized again, wrongly for `##` pieces). The ids of [CLS]
+[SEP] [PAD] [MASK] are the tokenizer's own (`bert_specials`).
 """
 from __future__ import annotations
 

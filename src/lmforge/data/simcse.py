@@ -15,6 +15,10 @@ measures how well a sentence retrieves a heavily perturbed copy of itself among 
 every evaluation. (With 10% deletion a tiny model reaches loss ~0.000 and acc 1.0 within 100 steps on
 imdb_unsup, which says nothing; at 50% it goes from 2.5 / acc 0.69 at initialisation to 0.19 / 0.96
 after 300 steps.)
+
+Framing and padding are done here with numpy, not by the tokenizer (`Tokenizer.encode_for_model`): the
+spans are token ids from the shards, and the `tokenizers` library frames and pads only encodings it made
+from text (see `lmforge.data.mlm`).
 """
 from __future__ import annotations
 

@@ -33,13 +33,15 @@ def figure_size(n_tokens: int) -> tuple[float, float]:
 
 
 def _tokens(net, tokenizer, text: str, arch: str) -> list[int]:
-    ids = tokenizer.encode(text)
+    """BERT: `[CLS] text [SEP]` from the tokenizer's template, cut to the context; GPT: the text's tokens."""
     if arch == "bert":
         if tokenizer.cls_id is None or tokenizer.sep_id is None:
             raise ConfigError("a BERT model needs a tokenizer with [CLS] and [SEP]")
-        return [tokenizer.cls_id] + ids[: net.config.max_position - 2] + [tokenizer.sep_id]
-    limit = getattr(net, "max_seq_len", None)
-    return ids[:limit] if limit else ids
+        limit = net.config.context_length
+    else:
+        limit = getattr(net, "max_seq_len", None)  # None: no fixed context (rope)
+    return tokenizer.encode_for_model([text], max_length=limit, padding=False,
+                                      add_special_tokens=arch == "bert")["input_ids"][0]
 
 
 def _label(tokenizer, i: int) -> str:

@@ -38,7 +38,7 @@ def encode_sentences(model, tokenizer, sentences: list[str], *, pooling: str = "
     """(N, d) L2-normalised sentence vectors, in the order of `sentences`.
 
     Args:
-        model: a `Bert` (anything whose forward returns `last_hidden_state`), in eval mode.
+        model: a `Bert` (any backbone with `encode`), in eval mode.
         tokenizer: its tokenizer (needs [CLS] [SEP] [PAD]).
         pooling: 'mean' (over real tokens, as sentence-transformers) or 'cls'.
         batch_size: sentences per forward pass.
@@ -46,28 +46,24 @@ def encode_sentences(model, tokenizer, sentences: list[str], *, pooling: str = "
     """
     from lmforge.models.heads import pool
 
-    cls, sep, pad = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
-    if None in (cls, sep, pad):
+    if None in (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id):
         raise ConfigError("embed needs a tokenizer with [CLS] [SEP] [PAD] (a BERT-family model)")
-    limit = max_length or getattr(getattr(model, "config", None), "max_position", 512)
+    limit = max_length or getattr(getattr(model, "config", None), "context_length", 512)
     if limit < 3:
         raise ConfigError(f"max_length must be at least 3, got {limit}")
-    rows = [[cls] + ids[: limit - 2] + [sep] for ids in tokenizer.encode_batch(sentences)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: little padding
+    # `[CLS] sentence [SEP]`, truncation and padding come from the tokenizer's own template and settings
+    lengths = [len(r) for r in tokenizer.encode_for_model(sentences, max_length=limit, padding=False)["input_ids"]]
+    order = sorted(range(len(sentences)), key=lengths.__getitem__)  # similar lengths together: little padding
     device = next(model.parameters()).device
     out = torch.empty(0)
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
-        width = max(len(rows[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, : len(rows[i])] = torch.tensor(rows[i])
-            mask[r, : len(rows[i])] = 1
-        hidden = model(ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        enc = tokenizer.encode_for_model([sentences[i] for i in idx], max_length=limit)
+        ids, mask = torch.tensor(enc["input_ids"]), torch.tensor(enc["attention_mask"])  # (B, width)
+        hidden = model.encode(ids.to(device), attention_mask=mask.to(device))
         z = F.normalize(pool(hidden, mask.to(device), pooling).float(), dim=-1).cpu()
         if out.numel() == 0:
-            out = torch.empty(len(rows), z.size(1))
+            out = torch.empty(len(sentences), z.size(1))
         out[torch.tensor(idx)] = z
     return out
 

@@ -24,16 +24,15 @@ def predict_masks(model, tokenizer, text: str, top_k: int = 5) -> list[list[tupl
     mask_id = tokenizer.mask_id
     if mask_id is None or tokenizer.cls_id is None or tokenizer.sep_id is None:
         raise ConfigError("fill_mask needs a tokenizer with [CLS] [SEP] [MASK] (a BERT-family model)")
-    ids = [tokenizer.cls_id] + tokenizer.encode(text) + [tokenizer.sep_id]
+    ids = tokenizer.encode_for_model([text], padding=False)["input_ids"][0]  # [CLS] text [SEP], the tokenizer's template
     positions = [i for i, t in enumerate(ids) if t == mask_id]
     if not positions:
         raise ConfigError(f"text {text!r} holds no [MASK] token")
-    limit = model.config.max_position
+    limit = model.config.context_length
     if len(ids) > limit:
         raise ConfigError(f"text {text!r} is {len(ids)} tokens with [CLS] and [SEP]; the model takes at most {limit}")
     device = next(model.parameters()).device
-    x = torch.tensor([ids], device=device)
-    hidden = model(x).last_hidden_state
+    hidden = model.encode(torch.tensor([ids], device=device))  # (1, T, d_model)
     probs = model.mlm_logits(hidden[0, positions]).float().softmax(-1)  # (masks, vocab)
     k = min(top_k, probs.size(-1))
     top = probs.topk(k, dim=-1)

@@ -53,6 +53,7 @@ class Tokenizer:
         self.backend = backend
         self.kind = kind
         self._vocab: dict[str, int] | None = None  # char kind: for naming an unknown character
+        self._for_model: dict[tuple, tokenizers.Tokenizer] = {}  # encode_for_model's configured copies
 
     # ---- construction and files ------------------------------------------------------------
     @classmethod
@@ -113,8 +114,65 @@ class Tokenizer:
 
     def encode_pair(self, a: str, b: str) -> tuple[list[int], list[int]]:
         """`[CLS] a [SEP] b [SEP]` (or the tokenizer's own pair template): (ids, token type ids)."""
-        enc = self.backend.encode(a, b, add_special_tokens=True)
-        return enc.ids, enc.type_ids
+        enc = self.encode_for_model([a], [b], padding=False)
+        return enc["input_ids"][0], enc["token_type_ids"][0]
+
+    def encode_for_model(self, texts: Sequence[str] | Sequence[Sequence[str]], pairs: Sequence[str] | None = None, *,
+                         max_length: int | None = None, padding: bool = True, add_special_tokens: bool = True,
+                         pretokenized: bool = False) -> dict[str, list]:
+        """Model inputs built by the tokenizer itself: its post-processor adds the special tokens (`[CLS] a
+        [SEP]`, `[CLS] a [SEP] b [SEP]` with segment ids 0/1 for a BERT wordpiece; nothing for a GPT BPE),
+        truncation keeps room for them (longest-first for pairs), padding is on the right with [PAD].
+
+        Args:
+            texts: the first sequences; with `pretokenized`, each is a list of words.
+            pairs: the second sequences (one per text), or None.
+            max_length: longest row in tokens, special tokens included (None: no truncation).
+            padding: pad every row to the longest one (else rows keep their own lengths).
+            add_special_tokens: False leaves the template out (a causal LM's input).
+            pretokenized: texts are lists of words (word_ids then index those words).
+
+        Returns:
+            python lists, one entry per text: `input_ids`, `token_type_ids`, `attention_mask` (1 = real
+            token), `offsets` ((start, end) characters of each token in its own text; (0, 0) for special
+            and padding tokens), `word_ids` (the word of each token, None for special and padding tokens)
+            and `truncated` (bool: tokens were cut).
+        """
+        if pairs is not None and len(pairs) != len(texts):
+            raise ConfigError(f"encode_for_model: {len(texts)} texts but {len(pairs)} pairs")
+        backend = self._model_backend(max_length, padding, add_special_tokens, pairs is not None)
+        inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+        try:
+            encodings = backend.encode_batch(inputs, add_special_tokens=add_special_tokens,
+                                              is_pretokenized=pretokenized)
+        except Exception as e:
+            raise self._encode_error([t for t in texts if isinstance(t, str)], e) from None
+        return {"input_ids": [e.ids for e in encodings], "token_type_ids": [e.type_ids for e in encodings],
+                "attention_mask": [e.attention_mask for e in encodings], "offsets": [e.offsets for e in encodings],
+                "word_ids": [e.word_ids for e in encodings], "truncated": [bool(e.overflowing) for e in encodings]}
+
+    def _model_backend(self, max_length: int | None, padding: bool, specials: bool, pair: bool) -> tokenizers.Tokenizer:
+        """A copy of the backend with this truncation and padding switched on, made once per setting
+        (the tokenizer itself, and its saved file, stay as they are)."""
+        key = (max_length, padding, specials)
+        if key not in self._for_model:
+            backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            if backend.post_processor is None and self.kind == "wordpiece" and None not in (self.cls_id, self.sep_id):
+                _add_bert_template(backend)  # a BERT vocabulary whose file lacks its template
+            backend.no_truncation()
+            backend.no_padding()
+            if max_length is not None:
+                backend.enable_truncation(max_length=max_length, strategy="longest_first")
+            if padding:
+                if self.pad_id is None:
+                    raise ConfigError("padding needs a tokenizer with a padding token ([PAD])")
+                backend.enable_padding(direction="right", pad_id=self.pad_id, pad_token=self.id_to_token(self.pad_id))
+            self._for_model[key] = backend
+        backend = self._for_model[key]
+        added = backend.num_special_tokens_to_add(pair) if specials else 0
+        if max_length is not None and max_length < added + (2 if pair else 1):
+            raise ConfigError(f"max_length {max_length} leaves no room for text beside the {added} special tokens")
+        return backend
 
     def _encode_error(self, texts: Sequence[str], e: Exception) -> Exception:
         if self.kind == "char" and "Missing" in str(e):
