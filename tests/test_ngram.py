@@ -231,6 +231,10 @@ def test_cli_errors_are_one_line(prepared, tmp_path, capsys):
     assert "model.order must be at least 1" in line
     line = _one_line_exit_2(["pretrain", "--data.path", data, "--init_from", run, "--runs_dir", str(tmp_path)], capsys)
     assert "n-gram model is a table of counts" in line
+    (tmp_path / "task.tsv").write_text("text\tlabel\nthe cat\t1\nthe dog\t0\n", encoding="utf-8")
+    line = _one_line_exit_2(["finetune", "classify", "--init_from", run, "--data.train", str(tmp_path / "task.tsv"),
+                             "--data.dev", str(tmp_path / "task.tsv"), "--runs_dir", str(tmp_path)], capsys)
+    assert "ngram cannot be fine-tuned" in line
     line = _one_line_exit_2(["export", run, "--format", "hf", str(tmp_path / "hf")], capsys)
     assert "ngram model has no transformers equivalent" in line
     line = _one_line_exit_2(["pretrain", "--data.path", data, "--arch", "ngram", "--objective", "mlm",

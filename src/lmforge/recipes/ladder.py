@@ -35,7 +35,7 @@ from lmforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_
 from lmforge.train.config import TrainConfig
 
 RUNGS = ("ngram", "rnn", "gru", "lstm", "gpt")
-EVAL_WINDOWS = 256  # validation windows scored per forward pass
+EVAL_FLOATS = 1 << 24  # logits per forward pass when scoring (64 MB of float32)
 
 
 # ---- scoring: the validation windows of `pretrain`, for every kind of model ---------------------------------
@@ -54,8 +54,9 @@ def val_nats(model: torch.nn.Module, windows: np.ndarray, device: str | torch.de
 
     model.eval()
     total, count = 0.0, 0
-    for b in range(0, len(windows), EVAL_WINDOWS):
-        chunk = torch.from_numpy(windows[b:b + EVAL_WINDOWS]).to(device)
+    per_pass = min(512, max(1, EVAL_FLOATS // (windows.shape[1] * model.config.vocab_size)))
+    for b in range(0, len(windows), per_pass):
+        chunk = torch.from_numpy(windows[b:b + per_pass]).to(device)
         x, y = chunk[:, :-1], chunk[:, 1:]
         if isinstance(model, NGramLM):
             logp = model.token_logprobs(x, y)
