@@ -120,18 +120,24 @@ def count_tables(tokens: np.ndarray, vocab_size: int, order: int, smoothing: str
             keys, counts = np.unique(higher_types % V**k, return_counts=True)
         if k > 1:  # the raw k-gram types, for order k-1's continuation counts
             higher_types = keys if k == order else np.unique(_ngram_keys(tokens, k, V))
-        disc = _discounts(counts, smoothing)
-        ctx = keys // V  # keys are sorted, hence grouped by context
-        contexts, starts = np.unique(ctx, return_index=True)
-        total = np.add.reduceat(counts, starts).astype(np.float64) if len(keys) else np.zeros(0)
-        n_j = [np.add.reduceat((counts == j).astype(np.int64), starts) if len(keys) else np.zeros(0) for j in (1, 2)]
-        n_3 = np.add.reduceat((counts >= 3).astype(np.int64), starts) if len(keys) else np.zeros(0)
-        backoff = (disc[0] * n_j[0] + disc[1] * n_j[1] + disc[2] * n_3) / np.maximum(total, 1)
-        d = disc[np.minimum(counts, 3) - 1]
-        per_key_total = np.repeat(total, np.diff(np.append(starts, len(keys))))
-        probs = np.maximum(counts - d, 0.0) / np.maximum(per_key_total, 1)
-        tables.append({"keys": keys, "probs": probs, "contexts": contexts, "backoff": backoff, "discounts": disc})
+        tables.append(_smooth(keys, counts, V, smoothing))
     return tables[::-1]
+
+
+def _smooth(keys: np.ndarray, counts: np.ndarray, V: int, smoothing: str) -> dict:
+    """One order's table: discounted probabilities per n-gram and the back-off weight gamma per context."""
+    disc = _discounts(counts, smoothing)
+    contexts, starts = np.unique(keys // V, return_index=True)  # sorted keys come grouped by context
+
+    def per_context(x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(x.astype(np.int64), starts) if len(x) else np.zeros(0, dtype=np.int64)
+
+    total = per_context(counts).astype(np.float64)  # S(h)
+    backoff = (disc[0] * per_context(counts == 1) + disc[1] * per_context(counts == 2)
+               + disc[2] * per_context(counts >= 3)) / np.maximum(total, 1)
+    total_of_key = np.repeat(total, np.diff(np.append(starts, len(keys))))
+    probs = np.maximum(counts - disc[np.minimum(counts, 3) - 1], 0.0) / np.maximum(total_of_key, 1)
+    return {"keys": keys, "probs": probs, "contexts": contexts, "backoff": backoff, "discounts": disc}
 
 
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
