@@ -215,3 +215,27 @@ def test_missing_device_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.device: 'cuda:1' but this machine has no CUDA device"):
         make_trainer(tmp_path / "run", device="cuda:1")
     assert not (tmp_path / "run").exists()
+
+
+# ---- a recurrent model reads a long prompt in chunks: bounded memory, the same continuation -------------------
+def test_recurrent_prompt_is_read_in_chunks(monkeypatch):
+    import lmforge.generation as generation
+    from lmforge.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("lstm", {"vocab_size": 23, "d_model": 16, "n_layer": 2}).eval()
+    prompts = [list(np.random.default_rng(1).integers(0, 23, size=n)) for n in (50, 37)]
+    prompts = [[int(t) for t in p] for p in prompts]
+    whole = generation.generate(net, prompts, max_new_tokens=6, pad_token_id=0)
+    seen = []
+    real_forward = net.forward
+
+    def spy(ids, **kw):
+        seen.append(ids.shape[1])
+        return real_forward(ids, **kw)
+
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(net, "forward", spy)
+    chunked = generation.generate(net, prompts, max_new_tokens=6, pad_token_id=0)
+    assert chunked == whole
+    assert max(seen) == 8 and seen[:7] == [8] * 6 + [2]  # 50 prompt tokens: 6 chunks of 8, then 2

@@ -210,6 +210,9 @@ def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor,
     return ids, mask
 
 
+PREFILL_CHUNK = 4096  # prompt tokens per forward call for models without a context limit
+
+
 class _Stepper:
     """Feeds the model: the prompt first, then one token per row per step, with or without a cache.
     Holds the whole (B, P + N) token/mask/position buffers, so nothing grows while decoding."""
@@ -234,8 +237,18 @@ class _Stepper:
         return logits[:, -1].float()  # (B, V)
 
     def first(self) -> torch.Tensor:
-        """Next-token logits (B, V) after the prompt."""
-        return self._forward(0)
+        """Next-token logits (B, V) after the prompt. A model without a context limit (recurrent) reads
+        a long prompt through its cache in chunks of PREFILL_CHUNK tokens: the same state, with memory
+        bounded by the chunk instead of growing with the prompt (a few MB of text would need tens of GB)."""
+        start = 0
+        if self.cache is not None and getattr(self.model, "max_seq_len", None) is None:
+            end = self.len
+            for stop in range(PREFILL_CHUNK, end, PREFILL_CHUNK):
+                self.len = stop
+                self._forward(start)
+                start = stop
+            self.len = end
+        return self._forward(start)
 
     def next(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append `tokens` (B,) and return the next-token logits (B, V)."""
