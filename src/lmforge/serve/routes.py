@@ -144,8 +144,21 @@ def _message(err: ValidationError, body_cls: type[Body]) -> tuple[str, str | Non
         return f"missing required field '{'.'.join(loc)}'", field
     if field in SHAPES and not first["type"].endswith(("_too_short",)):
         return f"{field} must be {SHAPES[field]}, got {_show(first.get('input'))}", field
-    where = ".".join(x for x in loc if not x.startswith(("function-", "list[", "str", "int", "Pair", "Question")))
-    return f"{where or 'body'}: {first['msg'].lower()}, got {_show(first.get('input'))}", field
+    return f"{_where(first['loc']) or 'body'}: {first['msg'].lower()}, got {_show(first.get('input'))}", field
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "Pair", "Question", "StreamOptions"}
+
+
+def _where(loc: tuple) -> str:
+    """A pydantic error location as the field path (`inputs[2].text`), without its union-member tags."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in _TYPE_TAGS and "[" not in part and "-" not in part:
+            out += f".{part}" if out else part
+    return out
 
 
 def _show(value: Any) -> str:
@@ -211,8 +224,11 @@ def engine_for(request: Request, name: str | None, capability: str) -> Engine:
         able = [e for e in engines.values() if capability in e.capabilities]
         if len(able) == 1:
             return able[0]
-        which = f"one of: {', '.join(e.name for e in able)}" if able else "no loaded model can"
-        raise ApiError(400, f"missing required field 'model' ({which})", param="model")
+        if not able:
+            raise ApiError(400, f"no loaded model can {VERBS[capability]} (loaded: {', '.join(engines)})",
+                           param="model", code="unsupported_task")
+        raise ApiError(400, f"missing required field 'model' (one of: {', '.join(e.name for e in able)})",
+                       param="model")
     if name not in engines:
         raise ApiError(404, f"model '{name}' is not loaded{closest(name, engines)}; loaded: {', '.join(engines)}",
                        param="model", code="model_not_found")
@@ -234,7 +250,8 @@ def _texts(value: str | list, field: str, limits) -> list:
     for i, item in enumerate(items):
         text = item if isinstance(item, str) else getattr(item, "text", getattr(item, "context", "x"))
         if isinstance(text, str) and not text.strip():
-            raise ApiError(400, f"{field}[{i}] is empty; give some text", param=field)
+            where = f"{field}[{i}]" if isinstance(value, list) else field
+            raise ApiError(400, f"{where} is empty; give some text", param=field)
     return items
 
 
