@@ -1,0 +1,130 @@
+"""The playground in a real headless browser (Debian's chromium and its chromedriver; `.ci/run` installs
+them): type a prompt and see the streamed text, fill a mask and see the candidates, compare sentences,
+show attention; and the page logs no console errors."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from lmforge.serve.app import build_app, build_engines
+from lmforge.serve.config import EngineOptions, Limits
+from lmforge.serve.metrics import Metrics
+
+from serve_helpers import Server, make_bert, make_gpt, post
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs chromium and chromedriver "
+                                "(apt-get install chromium chromium-driver; .ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve_browser")
+    limits, metrics = Limits(), Metrics()
+    engines = build_engines([f"gpt={make_gpt(d / 'gpt')}", f"bert={make_bert(d / 'bert')}", "minilm-l6"],
+                            options=EngineOptions(max_batch=4), limits=limits, metrics=metrics)
+    srv = Server(build_app(engines, limits=limits, metrics=metrics))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--no-first-run", "--disable-extensions"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _wait(driver, predicate, timeout=60):
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: predicate(d))
+
+
+def _choose(driver, model: str) -> None:
+    Select(driver.find_element(By.ID, "model")).select_by_value(model)
+
+
+def _set(driver, element_id: str, value) -> None:
+    box = driver.find_element(By.ID, element_id)
+    box.clear()
+    box.send_keys(str(value))
+
+
+def test_playground(server, browser):
+    browser.get(server.url + "/")
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 3)
+    assert browser.find_element(By.ID, "status").text == "3 model(s) loaded"
+
+    # a GPT: the completion panel only; type a prompt, watch the text arrive in pieces
+    _choose(browser, "gpt")
+    assert browser.find_element(By.ID, "panel-completions").is_displayed()
+    assert not browser.find_element(By.ID, "panel-fill-mask").is_displayed()
+    _set(browser, "prompt", "once upon a time")
+    _set(browser, "max-tokens", 60)
+    _set(browser, "temperature", 0.9)
+    _set(browser, "seed", 42)
+    browser.execute_script("""  // record every length the output goes through while it streams
+        window.__lengths = [];
+        new MutationObserver(() => window.__lengths.push(document.getElementById('completion-output').textContent.length))
+            .observe(document.getElementById('completion-output'), {childList: true, characterData: true, subtree: true});""")
+    browser.find_element(By.ID, "generate").click()
+    _wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("done"))
+    shown = browser.find_element(By.ID, "completion-output").get_attribute("textContent")
+    expected = post(server.port, "/v1/completions", {"model": "gpt", "prompt": "once upon a time", "max_tokens": 60,
+                                                     "temperature": 0.9, "top_p": 0.95, "seed": 42})[1]
+    assert shown == expected["choices"][0]["text"]
+    lengths = [n for n in browser.execute_script("return window.__lengths") if n]
+    assert len(set(lengths)) > 1  # it grew piece by piece: streamed
+
+    # a BERT masked LM: fill a mask, see the candidates with their probabilities
+    _choose(browser, "bert")
+    assert browser.find_element(By.ID, "panel-fill-mask").is_displayed()
+    assert not browser.find_element(By.ID, "panel-completions").is_displayed()
+    _set(browser, "mask-text", "the cat sat on the [MASK] .")
+    _set(browser, "mask-top-k", 4)
+    browser.find_element(By.ID, "fill").click()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#mask-output .candidate"))
+    rows = browser.find_elements(By.CSS_SELECTOR, "#mask-output .candidate")
+    api = post(server.port, "/v1/fill-mask", {"model": "bert", "inputs": ["the cat sat on the [MASK] ."], "top_k": 4})[1]
+    want = api["data"][0]["masks"][0]
+    assert [r.find_element(By.CSS_SELECTOR, "span").text for r in rows] == [c["token"] for c in want]
+    assert [r.find_elements(By.CSS_SELECTOR, "span")[-1].text for r in rows] == [f"{c['score']:.3f}" for c in want]
+
+    # a sentence encoder: a similarity matrix with ones on the diagonal; attention: a T x T heatmap
+    _choose(browser, "minilm-l6")
+    browser.find_element(By.ID, "embed").click()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#embed-output td"))
+    cells = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#embed-output td")]
+    assert len(cells) == 9 and cells[0] == cells[4] == cells[8] == "1.00"
+    assert float(cells[1]) > float(cells[2])  # guitar ~ instrument more than ~ stock market
+    _set(browser, "attention-text", "the cat sat")
+    browser.find_element(By.ID, "attention").click()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#attention-output td"))
+    tokens = post(server.port, "/v1/attention", {"model": "minilm-l6", "text": "the cat sat"})[1]["tokens"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#attention-output td")) == len(tokens) ** 2
+
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+
+
+def test_playground_reports_errors_on_the_page(server, browser):
+    """A bad request shows its message in the status line (as text, not a console error)."""
+    browser.get(server.url + "/")
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 3)
+    _choose(browser, "bert")
+    _set(browser, "mask-text", "no mask in this sentence")
+    browser.find_element(By.ID, "fill").click()
+    _wait(browser, lambda d: "no [MASK]" in d.find_element(By.ID, "status").text)
+    assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
