@@ -239,3 +239,82 @@ def test_recurrent_prompt_is_read_in_chunks(monkeypatch):
     chunked = generation.generate(net, prompts, max_new_tokens=6, pad_token_id=0)
     assert chunked == whole
     assert max(seen) == 8 and seen[:7] == [8] * 6 + [2]  # 50 prompt tokens: 6 chunks of 8, then 2
+
+
+# ---- the verbs: one clear line and exit 2, nothing destroyed, nothing half-made ----------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A char-level prepared corpus and a 2-step GPT run, made through the verbs."""
+    d = tmp_path_factory.mktemp("tiny")
+    (d / "corpus.txt").write_text("\n\n".join(f"doc {i}: the quick brown fox {i % 5}." for i in range(40)))
+    assert cli(["tokenizer", str(d / "corpus.txt"), "--kind", "char", "--out", str(d / "tok.json")]) == 0
+    assert cli(["prepare", str(d / "corpus.txt"), "--tokenizer", str(d / "tok.json"), "--out", str(d / "prep")]) == 0
+    assert cli(["pretrain", *GPT, "--train.max_steps", "2", "--runs_dir", str(d / "runs"), "--name", "gpt",
+                 "--data.path", str(d / "prep")]) == 0
+    return d
+
+
+GPT = ["--data.seq_len", "16", "--model.n_layer", "1", "--model.n_head", "2", "--model.d_model", "16",
+       "--train.batch_size", "2", "--train.progress", "false", "--train.tensorboard", "false", "--train.device", "cpu"]
+
+
+def cli(argv) -> int:
+    """Run `lmforge ARGV` in-process; its exit code."""
+    from lmforge.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def error_line(capsys, argv) -> str:
+    """Run a verb in-process: it must exit 2 with exactly one line on stderr; that line."""
+    capsys.readouterr()
+    code = cli(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_export_and_import_never_destroy(tiny, tmp_path, capsys):
+    run = tiny / "runs" / "gpt"
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    (tmp_path / "afile").write_text("precious")
+    before = tree(tmp_path)
+    for verb in (["export", run, "--format", "hf"], ["import", tiny / "hf", "--out"]):
+        if verb[0] == "import":
+            assert cli(["export", run, "--format", "hf", tiny / "hf"]) == 0
+        assert "taken: exists and is not empty; pass --overwrite" in error_line(capsys, verb + [tmp_path / "taken"])
+        assert "afile: exists and is a file; the output is a folder" in error_line(capsys, verb + [tmp_path / "afile", "--overwrite"])
+        assert "taken: exists and does not look like this verb's output" in error_line(
+            capsys, verb + [tmp_path / "taken", "--overwrite"])
+        assert tree(tmp_path) == before  # nothing renamed aside, nothing added
+        assert (tmp_path / "taken" / "notes.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "precious"
+    # its own earlier output: refused without --overwrite, replaced with it
+    assert cli(["export", run, "--format", "hf", tmp_path / "hf"]) == 0
+    assert "hf: exists and is not empty; pass --overwrite" in error_line(capsys, ["export", run, "--format", "hf", tmp_path / "hf"])
+    assert cli(["export", run, "--format", "hf", tmp_path / "hf", "--overwrite"]) == 0
+    assert cli(["import", tmp_path / "hf", "--out", tmp_path / "ckpt"]) == 0
+    assert "ckpt: exists and is not empty" in error_line(capsys, ["import", tmp_path / "hf", "--out", tmp_path / "ckpt"])
+    assert cli(["import", tmp_path / "hf", "--out", tmp_path / "ckpt", "--overwrite"]) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_checkpoint_and_export_files_honour_the_umask(tiny, tmp_path, mask):
+    import os
+
+    old = os.umask(mask)
+    try:
+        assert cli(["export", tiny / "runs" / "gpt", "--format", "hf", tmp_path / "hf"]) == 0
+        save_checkpoint(tmp_path / "ckpt", model=TinyLM(), config={"arch": "tiny", "model": {}}, trainer_state={"step": 1})
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "hf", tmp_path / "ckpt"):
+        assert os.stat(folder).st_mode & 0o777 == 0o777 & ~mask
+        for f in folder.iterdir():
+            assert os.stat(f).st_mode & 0o777 == 0o666 & ~mask, f

