@@ -318,3 +318,89 @@ def test_checkpoint_and_export_files_honour_the_umask(tiny, tmp_path, mask):
         assert os.stat(folder).st_mode & 0o777 == 0o777 & ~mask
         for f in folder.iterdir():
             assert os.stat(f).st_mode & 0o777 == 0o666 & ~mask, f
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--train.log_every", "0"], "train.log_every must be at least 1, got 0"),
+    (["--train.threads", "-1"], "train.threads must be at least 1 (or null), got -1"),
+    (["--train.device", "foo"], "train.device: 'foo' is not a device"),
+    pytest.param(["--train.device", "cuda"], "train.device: 'cuda' but this machine has no CUDA device", marks=NO_CUDA),
+    (["--train.beta2", "2"], "train.beta2 must be in [0, 1), got 2.0"),
+    (["--train.eps", "-1"], "train.eps must be > 0, got -1.0"),
+    (["--data.seq_len", "-4"], "data.seq_len must be at least 1, got -4"),
+    (["--name", "../../x"], "name: '../../x' must be a folder name inside --runs_dir"),
+    (["--name", "/tmp/elsewhere"], "name: '/tmp/elsewhere' must be a folder name inside --runs_dir"),
+    (["--resume", "nowhere/ckpt"], "nowhere/ckpt: no such run or checkpoint directory"),
+    (["--overwrite", "--resume", "latest"], "--resume continues a run and --overwrite replaces it"),
+    (["--objective", "mlm"], "masked-LM training needs a tokenizer with [PAD] [CLS] [SEP] [MASK]"),
+])
+def test_pretrain_bad_values_fail_before_anything_is_made(tiny, tmp_path, capsys, extra, message):
+    runs = tmp_path / "sub" / "runs"
+    argv = ["pretrain", *GPT, "--train.max_steps", "1", "--data.path", tiny / "prep", "--runs_dir", runs]
+    if "--name" not in extra:
+        argv += ["--name", "r"]
+    assert message in error_line(capsys, argv + extra)
+    assert not (tmp_path / "sub").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_pretrain_existing_run_needs_resume_or_overwrite(tiny, tmp_path, capsys):
+    argv = ["pretrain", *GPT, "--train.max_steps", "2", "--data.path", tiny / "prep", "--runs_dir", tmp_path]
+    assert cli(argv + ["--name", "r"]) == 0
+    line = error_line(capsys, argv + ["--name", "r"])
+    assert "r already holds checkpoints (newest step-2); pass --resume latest" in line and "--overwrite" in line
+    (tmp_path / "r" / "notes.txt").write_text("mine")  # --overwrite replaces a run, never something else
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert "other: exists and does not look like this verb's output" in error_line(capsys, argv + ["--name", "other", "--overwrite"])
+    assert cli(argv + ["--name", "r", "--overwrite"]) == 0
+    assert not (tmp_path / "r" / "notes.txt").exists() and (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def bert_run(tiny):
+    """A 1-step BERT masked-LM run on the same corpus (wordpiece tokenizer)."""
+    d = tiny
+    assert cli(["tokenizer", d / "corpus.txt", "--kind", "wordpiece", "--vocab_size", "60", "--out", d / "wp.json"]) == 0
+    assert cli(["prepare", d / "corpus.txt", "--tokenizer", d / "wp.json", "--out", d / "prep_wp"]) == 0
+    assert cli(["pretrain", "--arch", "bert", "--objective", "mlm", *GPT, "--train.max_steps", "1",
+                "--data.path", d / "prep_wp", "--runs_dir", d / "runs", "--name", "bert"]) == 0
+    return d / "runs" / "bert"
+
+
+def test_other_verbs_bad_values_are_one_line(tiny, bert_run, tmp_path, capsys):
+    gpt = tiny / "runs" / "gpt"
+    (tmp_path / "s.txt").write_text("the quick fox\nthe lazy dog\n")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "taken.npy").write_bytes(b"mine")
+    (tmp_path / "taken.png").write_bytes(b"mine")
+    cases = [
+        (["generate", bert_run, "--prompt", "doc"], "a BERT encoder does not generate text"),
+        (["generate", gpt, "--device", "foo"], "device: 'foo' is not a device"),
+        (["clean", tiny / "corpus.txt", "--out", tmp_path / "adir"], "adir: is a folder; the output is a file"),
+        (["clean", tiny / "corpus.txt", "--out", tmp_path / "taken.npy"], "taken.npy: exists; pass --overwrite"),
+        (["tokenizer", tiny / "corpus.txt", "--kind", "char", "--out", tiny / "tok.json"], "tok.json: exists; pass --overwrite"),
+        (["prepare", tiny / "corpus.txt", "--tokenizer", tiny / "tok.json", "--out", tiny / "prep"],
+         "prep: exists and is not empty; pass --overwrite"),
+        (["embed", bert_run, tmp_path / "s.txt", tmp_path / "taken.npy"], "taken.npy: exists; pass --overwrite"),
+        (["embed", bert_run, tmp_path / "s.txt", tmp_path / "e.npy", "--max_length", "2"], "max_length must be at least 3"),
+        (["attention", gpt, "--text", "the fox", "--out", tmp_path / "taken.png"], "taken.png: exists; pass --overwrite"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [
+            (["generate", gpt, "--device", "cuda"], "device: 'cuda' but this machine has no CUDA device"),
+            (["embed", bert_run, tmp_path / "s.txt", tmp_path / "e.npy", "--device", "cuda:0"], "no CUDA device"),
+            (["attention", gpt, "--text", "the fox", "--out", tmp_path / "a.png", "--device", "cuda"], "no CUDA device"),
+            (["fill_mask", bert_run, "--text", "the [MASK] fox", "--device", "cuda"], "no CUDA device"),
+        ]
+    for argv, message in cases:
+        assert message in error_line(capsys, argv), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "s.txt", "taken.npy", "taken.png"]
+    assert (tmp_path / "taken.npy").read_bytes() == b"mine" and not any((tmp_path / "adir").iterdir())
+    # with --overwrite they replace their own output
+    assert cli(["embed", bert_run, tmp_path / "s.txt", tmp_path / "taken.npy", "--overwrite"]) == 0
+    assert np.load(tmp_path / "taken.npy").shape[0] == 2
+    assert cli(["tokenizer", tiny / "corpus.txt", "--kind", "char", "--out", tmp_path / "t.json"]) == 0
+    assert cli(["tokenizer", tiny / "corpus.txt", "--kind", "char", "--out", tmp_path / "t.json", "--overwrite"]) == 0

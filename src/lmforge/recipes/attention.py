@@ -164,7 +164,7 @@ def plot_attention(matrix: np.ndarray, labels: list[str], title: str, out: str |
 
 
 def attention(model: str, text: str, layer: int = -1, head: str = "all", out: str = "attention.png",
-              device: str = "cpu") -> dict:
+              device: str = "cpu", overwrite: bool = False) -> dict:
     """Plot a heatmap of a model's attention weights over a sentence.
 
     Args:
@@ -174,11 +174,16 @@ def attention(model: str, text: str, layer: int = -1, head: str = "all", out: st
         head: a head index, or 'all' for the mean over the layer's heads.
         out: the image file to write (.png; .svg and .pdf work too).
         device: cpu, cuda, ...
+        overwrite: replace an existing OUT file.
     """
     from lmforge.checkpoints import load_model
+    from lmforge.storage import check_output
+    from lmforge.train.config import check_device
 
     if Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"out: {out} must end in .png (or .svg, .pdf)")
+    check_output(out, overwrite=overwrite)
+    check_device(device, "device")
     if head == "all":
         head_index = None
     else:

@@ -76,6 +76,7 @@ def embed(
     batch_size: int = 64,
     max_length: Optional[int] = None,
     device: str = "cpu",
+    overwrite: bool = False,
 ) -> dict:
     """Write L2-normalised sentence embeddings of a text file, one sentence per line.
 
@@ -88,15 +89,21 @@ def embed(
         max_length: longest input in tokens incl. [CLS]/[SEP] (default: the model's max_position, or
             an imported sentence-transformers model's max_seq_length).
         device: cpu, cuda, cuda:1, ...
+        overwrite: replace an existing OUT file.
     """
     from lmforge.checkpoints import load_model
-    from lmforge.storage import atomic_write_bytes, save_tensors
+    from lmforge.storage import atomic_write_bytes, check_output, save_tensors
+    from lmforge.train.config import check_device
 
     out_path = Path(out)
     if out_path.suffix not in (".npy", ".safetensors"):
         raise ConfigError(f"out: {out} must end in .npy or .safetensors")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if max_length is not None and max_length < 3:
+        raise ConfigError(f"max_length must be at least 3 ([CLS] + a token + [SEP]), got {max_length}")
+    check_output(out_path, overwrite=overwrite)
+    check_device(device, "device")
     sentences = read_lines(input)
     net, tokenizer, cfg = load_model(model, device)
     if cfg.get("arch") != "bert":
@@ -104,7 +111,6 @@ def embed(
     if max_length is None:  # an imported sentence-transformers model keeps its own truncation length
         max_length = cfg.get("interop", {}).get("max_seq_length")
     vectors = encode_sentences(net, tokenizer, sentences, pooling=pooling, batch_size=batch_size, max_length=max_length)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     if out_path.suffix == ".npy":
         buf = io.BytesIO()
         np.save(buf, vectors.numpy())

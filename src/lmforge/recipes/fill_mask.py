@@ -51,11 +51,13 @@ def fill_mask(model: str, text: list[str], top_k: int = 5, device: str = "cpu") 
         device: cpu, cuda, cuda:1, ...
     """
     from lmforge.checkpoints import load_model
+    from lmforge.train.config import check_device
 
     if top_k < 1:
         raise ConfigError(f"top_k must be at least 1, got {top_k}")
     if not text:
         raise ConfigError("give at least one sentence with --text")
+    check_device(device, "device")
     net, tokenizer, cfg = load_model(model, device)
     if cfg.get("arch") != "bert":
         raise ConfigError(f"{model}: fill_mask needs a BERT-family masked LM (arch bert), this is arch {cfg.get('arch')!r}")

@@ -118,12 +118,14 @@ def _prompts(prompt: str | list[str] | None, prompt_file: str | None) -> list[st
 
 
 def _device(name: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; a name that is no device, or a device this machine lacks,
+    is a ConfigError."""
+    from lmforge.train.config import check_device
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: '{name}' is not a device (try 'auto', 'cpu', 'cuda')") from None
+    check_device(name, "device")
+    return torch.device(name)
 
 
 def _encode(tok, text: str) -> list[int]:

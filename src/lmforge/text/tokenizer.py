@@ -355,7 +355,7 @@ class _Counting:
 
 def train(inputs: list[str], out: str, kind: Kind = "bpe", vocab_size: int = 8000, min_frequency: int = 2,
           lowercase: bool = True, doc_sep: Literal["blank_line", "line", "file"] = "blank_line",
-          jsonl_field: str = "text", errors: Literal["strict", "replace"] = "strict") -> dict:
+          jsonl_field: str = "text", errors: Literal["strict", "replace"] = "strict", overwrite: bool = False) -> dict:
     """Train a tokenizer on text files and save it as tokenizer.json.
 
     Args:
@@ -368,9 +368,12 @@ def train(inputs: list[str], out: str, kind: Kind = "bpe", vocab_size: int = 800
         doc_sep: how text inputs split into documents: blank_line, line or file.
         jsonl_field: the field holding the text in .jsonl inputs.
         errors: strict (invalid UTF-8 is an error) or replace (substitute U+FFFD).
+        overwrite: replace an existing tokenizer file at OUT.
     """
+    from lmforge.storage import check_output
     from lmforge.text.clean import read_documents
 
+    check_output(out if str(out).endswith(".json") else Path(out) / "tokenizer.json", overwrite=overwrite)
     docs = (doc for _, doc in read_documents(inputs, doc_sep=doc_sep, jsonl_field=jsonl_field, errors=errors))
     try:
         tok = train_tokenizer(docs, kind=kind, vocab_size=vocab_size, min_frequency=min_frequency,
