@@ -404,3 +404,96 @@ def test_other_verbs_bad_values_are_one_line(tiny, bert_run, tmp_path, capsys):
     assert np.load(tmp_path / "taken.npy").shape[0] == 2
     assert cli(["tokenizer", tiny / "corpus.txt", "--kind", "char", "--out", tmp_path / "t.json"]) == 0
     assert cli(["tokenizer", tiny / "corpus.txt", "--kind", "char", "--out", tmp_path / "t.json", "--overwrite"]) == 0
+
+
+# ---- real SIGKILLs: at a random step and while checkpoints are written; the resumed run is the same run -----------
+DRIVER = '''
+import os, signal, sys
+import lmforge.train.checkpoint as checkpoint
+import lmforge.train.trainer as trainer
+from lmforge.cli import main
+
+kind, _, arg = os.environ["KILL_PLAN"].partition(":")
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if kind == "save":  # the N-th checkpoint save dies halfway through its weights file, or just before its marker
+    n, stage = arg.split(":")
+    calls = []
+    real_tensors, real_json = checkpoint.save_tensors, checkpoint.atomic_write_json
+    def save_tensors(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == int(n) and stage == "weights":
+            with open(path, "wb") as f:
+                f.write(b"half a file")
+            die()
+        return real_tensors(tensors, path, metadata)
+    def atomic_write_json(path, obj):
+        if len(calls) == int(n) and stage == "marker" and path.name == checkpoint.MARKER:
+            die()
+        return real_json(path, obj)
+    checkpoint.save_tensors, checkpoint.atomic_write_json = save_tensors, atomic_write_json
+elif kind == "step":  # dies inside optimizer step K, after the weights were updated (nothing logged yet)
+    real_step = trainer.Trainer._train_step
+    def _train_step(self, step):
+        out = real_step(self, step)
+        if step + 1 == int(arg):
+            die()
+        return out
+    trainer.Trainer._train_step = _train_step
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tiny, tmp_path):
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lmforge.recipes.pretrain import DataConfig, pretrain
+
+    model = {"n_layer": 1, "n_head": 2, "d_model": 16, "dropout": 0.1}
+    steps = 30
+    pretrain(data=DataConfig(path=str(tiny / "prep"), seq_len=16), model=model, runs_dir=str(tmp_path), name="ref",
+             train=TrainConfig(max_steps=steps, batch_size=2, save_every=5, eval_every=10, log_every=1,
+                               progress=False, tensorboard=False, device="cpu"))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    argv = [sys.executable, str(tmp_path / "driver.py"), "pretrain", "--data.path", str(tiny / "prep"),
+            "--data.seq_len", "16", "--model.n_layer", "1", "--model.n_head", "2", "--model.d_model", "16",
+            "--model.dropout", "0.1", "--train.max_steps", str(steps), "--train.batch_size", "2",
+            "--train.save_every", "5", "--train.eval_every", "10", "--train.log_every", "1", "--train.threads", "1",
+            "--train.progress", "false", "--train.tensorboard", "false", "--train.device", "cpu",
+            "--runs_dir", str(tmp_path), "--name", "run"]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    k = random.Random().randint(16, steps - 1)  # the random step, reported on failure
+
+    def run(plan, *extra):
+        env = dict(os.environ, KILL_PLAN=plan, PYTHONPATH=src)
+        return subprocess.run(argv + list(extra), env=env, capture_output=True, text=True, timeout=600)
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    # 1. killed while writing its first checkpoint (step 5): a half-written temporary, no checkpoint
+    p = run("save:1:weights")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert [c.name for c in ckpts.iterdir()][0].startswith(".step-5.") and not step_checkpoints(tmp_path / "run")
+    # 2. --resume latest: nothing complete yet, so it starts again from step 0 (and cleans up); killed at the
+    #    third save (step 15) after every file but the marker was written
+    p = run("save:3:marker", "--resume", "latest")
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert "starting it from step 0" in p.stdout and ".step-5." in p.stdout  # the temporary was removed
+    assert [c.name for c in step_checkpoints(tmp_path / "run")] == ["step-5", "step-10"]
+    # 3. resumes from step 10; killed at a random later step
+    p = run(f"step:{k}", "--resume", "latest")
+    assert p.returncode == -signal.SIGKILL, (k, p.stderr)
+    # 4. resumes from the newest complete checkpoint and finishes
+    p = run("none", "--resume", "latest")
+    assert p.returncode == 0, (k, p.stderr)
+    assert not [c for c in ckpts.iterdir() if c.name.startswith(".")]
+    rows = {n: [(r["step"], r["split"], r.get("loss")) for r in read_metrics(tmp_path / n / "metrics.jsonl")]
+            for n in ("ref", "run")}
+    assert rows["run"] == rows["ref"], f"killed at step {k}"
+    assert len([r for r in rows["ref"] if r[1] == "train"]) == steps
