@@ -87,7 +87,7 @@ def test_ladder_end_to_end_report_and_resume(prepared, tmp_path, capsys):
     out = tmp_path / "lad"
     report = ladder(DataConfig(path=str(prepared / "prep")), gpt=str(prepared / "tiny_gpt.yaml"), out=str(out),
                     rungs=["ngram", "rnn", "gpt"], budget_s=0.3, max_order=4, curve_points=2, curve_batches=2,
-                    probe_steps=4)
+                    probe_steps=6, probe_rounds=2)
     rows = {r["rung"]: r for r in report["rows"]}
     assert list(rows) == ["ngram", "rnn", "gpt"]
     for name in ("report.md", "report.json", "val_loss_vs_time.png"):
@@ -109,14 +109,16 @@ def test_ladder_end_to_end_report_and_resume(prepared, tmp_path, capsys):
         assert abs(row["ppl"] - np.exp(row["val_nats"])) < 1e-6 * row["ppl"]
     target = report["settings"]["target_params"]
     assert rows["gpt"]["params"] == target and abs(rows["rnn"]["params"] - target) / target < 0.05
-    assert rows["gpt"]["steps"] >= 1 and len(rows["gpt"]["curve"]) >= 2
+    for name in ("rnn", "gpt"):  # the steps are what the probed speed fits into the budget
+        assert rows[name]["steps"] == max(1, int(0.3 * rows[name]["probe_tokens_per_s"] / (4 * 16)))
+    assert len(rows["gpt"]["curve"]) >= 2 and not (out / ".probe").exists()
     assert all(t2 >= t1 for (t1, _), (t2, _) in zip(rows["gpt"]["curve"], rows["gpt"]["curve"][1:]))
     assert generate(row["run_dir"], prompt="the", max_new_tokens=4, strategy="greedy")
     # resuming reuses finished rungs as they are
     before = (out / "rnn" / "ladder.json").stat().st_mtime_ns
     again = ladder(DataConfig(path=str(prepared / "prep")), gpt=str(prepared / "tiny_gpt.yaml"), out=str(out),
                    rungs=["ngram", "rnn", "gpt"], budget_s=0.3, max_order=4, curve_points=2, curve_batches=2,
-                   probe_steps=4, resume=True)
+                   probe_steps=6, resume=True)
     assert again["rows"] == report["rows"]
     assert (out / "rnn" / "ladder.json").stat().st_mtime_ns == before
     capsys.readouterr()

@@ -4,9 +4,10 @@ n-gram (Kneser-Ney, the best order) -> plain RNN -> GRU -> LSTM -> Transformer (
 on the same prepared token shards and scored on the same validation windows (those `pretrain` validates
 on: consecutive `seq_len`-token windows of the validation split, each token predicted from the tokens
 before it in its window), in nats per token. The neural rungs have about the same number of parameters
-(the GPT's; the recurrent hidden size is solved for it) and the same wall-time budget: a short probe
-measures each rung's steps per second, and its run gets as many steps as fit in `budget_s` (with its
-own cosine schedule). The n-gram rung is counted, once per order, and the best order is kept.
+(the GPT's; the recurrent hidden size is solved for it) and the same wall-time budget: short probes
+measure each rung's training speed (the best of a few, interleaved across the rungs, so that a busy
+moment of a shared machine does not hand one rung fewer steps), and its run gets as many steps as fit
+in `budget_s` (with its own cosine schedule). The n-gram rung is counted, once per order, and the best order is kept.
 
 Writes OUT/report.md, OUT/report.json and OUT/val_loss_vs_time.png, and one ordinary run directory per
 rung (OUT/ngram, OUT/rnn, ...) that every verb reads (`lmforge generate OUT/gru`).
@@ -160,6 +161,7 @@ def ladder(
     curve_points: int = 10,
     curve_batches: int = 20,
     probe_steps: int = 30,
+    probe_rounds: int = 2,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Train every rung of the language-model ladder on one prepared dataset and report them side by side.
@@ -183,7 +185,8 @@ def ladder(
             the hidden size is solved so that the parameter count matches the GPT's).
         curve_points: validation points on each neural rung's curve.
         curve_batches: validation batches per curve point (the table scores the whole validation split).
-        probe_steps: steps of the speed probe that sets each neural rung's step count.
+        probe_steps: steps of each speed probe (the probes set each neural rung's step count).
+        probe_rounds: speed probes per neural rung, interleaved across the rungs; the fastest counts.
         resume: reuse the rungs OUT already finished (a rung is finished when OUT/RUNG/ladder.json exists).
 
     Returns:
@@ -193,7 +196,8 @@ def ladder(
     from lmforge.models import build_model
 
     rungs = list(rungs or RUNGS)
-    _check_args(rungs, budget_s, max_order, smoothing, recurrent_layers, curve_points, curve_batches, probe_steps)
+    _check_args(rungs, budget_s, max_order, smoothing, recurrent_layers, curve_points, curve_batches, probe_steps,
+                probe_rounds)
     preset = load_yaml(preset_path(gpt))
     if preset.get("arch", "gpt") != "gpt":
         raise ConfigError(f"--gpt {gpt}: the Transformer rung needs a gpt preset, this one is arch {preset['arch']!r}")
@@ -231,25 +235,32 @@ def ladder(
                 "threads": torch.get_num_threads(), "device": base_train.device, "train": to_dict(base_train),
                 "curve_windows": len(curve_windows), "rungs": rungs}
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    done = {}
     for rung in rungs:
         record = out_dir / rung / "ladder.json"
         if resume and record.is_file():
             from lmforge.storage import read_json
 
-            rows.append(read_json(record))
+            done[rung] = read_json(record)
             print(f"[{rung}] reused {record}", flush=True)
-            continue
-        if (out_dir / rung).exists():
+        elif (out_dir / rung).exists():
             shutil.rmtree(out_dir / rung)  # an unfinished rung of an earlier ladder: start it again
-        if rung == "ngram":
+    data_cfg = DataConfig(path=str(path), seq_len=seq_len)
+    neural = [r for r in rungs if r != "ngram" and r not in done]
+    speeds = _probe_speeds(out_dir, neural, configs, shared, data_cfg, probe_steps, probe_rounds)
+    rows = []
+    for rung in rungs:
+        if rung in done:
+            row = done[rung]
+        elif rung == "ngram":
             row = _ngram_rung(out_dir, train_split.tokens, windows, curve_windows, tokenizer, path, seq_len,
                               max_order, smoothing, base_train)
         else:
             arch, values = configs[rung]
-            row = _neural_rung(out_dir, rung, arch, values, shared, path, seq_len, budget_s, curve_points,
-                               curve_batches, probe_steps, windows)
-        atomic_write_json(record, row)
+            row = _neural_rung(out_dir, rung, arch, values, shared, data_cfg, budget_s, speeds[rung], curve_points,
+                               curve_batches, windows)
+        if rung not in done:
+            atomic_write_json(out_dir / rung / "ladder.json", row)
         rows.append(row)
     report = {"settings": settings, "rows": rows}
     atomic_write_json(out_dir / "report.json", report)
@@ -261,7 +272,8 @@ def ladder(
     return report
 
 
-def _check_args(rungs, budget_s, max_order, smoothing, recurrent_layers, curve_points, curve_batches, probe_steps):
+def _check_args(rungs, budget_s, max_order, smoothing, recurrent_layers, curve_points, curve_batches, probe_steps,
+                probe_rounds):
     from lmforge.config import closest
 
     for r in rungs:
@@ -276,7 +288,8 @@ def _check_args(rungs, budget_s, max_order, smoothing, recurrent_layers, curve_p
     if smoothing not in ("modified_kn", "kn"):
         raise ConfigError(f"smoothing must be 'modified_kn' or 'kn', got {smoothing!r}")
     for name, value, low in (("recurrent_layers", recurrent_layers, 1), ("curve_points", curve_points, 1),
-                             ("curve_batches", curve_batches, 1), ("probe_steps", probe_steps, 2)):
+                             ("curve_batches", curve_batches, 1), ("probe_steps", probe_steps, 6),
+                             ("probe_rounds", probe_rounds, 1)):
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
 
@@ -332,43 +345,60 @@ def _ngram_rung(out_dir, train_tokens, windows, curve_windows, tokenizer, path, 
             "ppl": val["ppl"], "curve": [[row["count_s"], curve]], "orders": tried, "run_dir": str(out_dir / "ngram")}
 
 
-def _neural_rung(out_dir, rung, arch, values, shared, path, seq_len, budget_s, curve_points, curve_batches,
-                 probe_steps, windows) -> dict[str, Any]:
+def _probe_speeds(out_dir: Path, rungs: list[str], configs, shared, data: DataConfig, probe_steps: int,
+                  rounds: int) -> dict[str, float]:
+    """Training tokens per second of each rung on this machine: short runs, interleaved across the rungs
+    `rounds` times, each logging 3 windows of steps; the fastest window after the first (which holds the
+    start-up) counts. The best rather than the mean, so that other jobs on a shared machine at the moment
+    of one probe do not hand one rung more steps than another."""
+    from lmforge.recipes.pretrain import pretrain
+
+    probe_dir = out_dir / ".probe"
+    every = max(1, probe_steps // 3)
+    cfg = from_dict(TrainConfig, {**shared, "tensorboard": False, "progress": False, "save_every": 0,
+                                  "keep_checkpoints": 1, "max_steps": 3 * every, "decay_steps": None, "warmup_steps": 0,
+                                  "eval_every": 0, "eval_batches": 1, "log_every": every}, "train")
+    speeds: dict[str, float] = {r: 0.0 for r in rungs}
+    for i in range(rounds):
+        for rung in rungs:
+            arch, values = configs[rung]
+            print(f"[{rung}] speed probe {i + 1}/{rounds} ({3 * every} steps)", flush=True)
+            shutil.rmtree(probe_dir, ignore_errors=True)
+            summary = pretrain(data, arch=arch, model=values, train=cfg, name=rung, runs_dir=str(probe_dir))
+            lines = [json.loads(ln) for ln in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines() if ln]
+            windows = [ln["tokens_per_s"] for ln in lines if ln["split"] == "train" and "tokens_per_s" in ln]
+            speeds[rung] = max([speeds[rung], *windows[1:]] or windows)
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    return speeds
+
+
+def _neural_rung(out_dir, rung, arch, values, shared, data: DataConfig, budget_s, tokens_per_s, curve_points,
+                 curve_batches, windows) -> dict[str, Any]:
     from lmforge.recipes.pretrain import pretrain
     from lmforge.train.checkpoint import load_pretrained
     from lmforge.train.trainer import resolve_device
 
-    data = DataConfig(path=str(path), seq_len=seq_len)
-    quiet = {"tensorboard": False, "progress": False, "save_every": 0, "keep_checkpoints": 1}
-    # 1. the speed probe: steady-state steps per second of this rung on this machine now
-    probe_dir = out_dir / ".probe"
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    every = max(1, probe_steps // 3)
-    probe_cfg = from_dict(TrainConfig, {**shared, **quiet, "max_steps": probe_steps, "decay_steps": None, "warmup_steps": 0,
-                                        "eval_every": 0, "eval_batches": 1, "log_every": every}, "train")
-    print(f"[{rung}] probing speed ({probe_steps} steps)", flush=True)
-    probe = pretrain(data, arch=arch, model=values, train=probe_cfg, name=rung, runs_dir=str(probe_dir))
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    tokens_per_step = probe_cfg.batch_size * probe_cfg.grad_accum * seq_len
-    steps = max(1, int(budget_s * probe["train_tokens_per_s"] / tokens_per_step))
-    # 2. the run: as many steps as fit the budget, with the preset's schedule shape stretched over them
+    # 1. as many steps as fit the budget at the probed speed, the preset's schedule shape stretched over them
+    batch = from_dict(TrainConfig, shared, "train")
+    tokens_per_step = batch.batch_size * batch.grad_accum * data.seq_len
+    steps = max(1, int(budget_s * tokens_per_s / tokens_per_step))
     eval_every = max(1, steps // curve_points)
-    warmup = min(int(shared.get("warmup_steps", 100)), steps // 10)
-    run_cfg = from_dict(TrainConfig, {**shared, **quiet, "max_steps": steps, "decay_steps": steps, "warmup_steps": warmup,
-                                      "eval_every": eval_every, "eval_batches": curve_batches, "log_every": eval_every},
-                        "train")
-    print(f"[{rung}] {steps} steps for a budget of {budget_s:.0f} s", flush=True)
+    run_cfg = from_dict(TrainConfig, {**shared, "tensorboard": False, "progress": False, "save_every": 0,
+                                      "keep_checkpoints": 1, "max_steps": steps, "decay_steps": steps,
+                                      "warmup_steps": min(batch.warmup_steps, steps // 10), "eval_every": eval_every,
+                                      "eval_batches": curve_batches, "log_every": eval_every}, "train")
+    print(f"[{rung}] {steps} steps for a budget of {budget_s:.0f} s ({tokens_per_s:,.0f} tokens/s probed)", flush=True)
     start = time.perf_counter()
     summary = pretrain(data, arch=arch, model=values, train=run_cfg, name=rung, runs_dir=str(out_dir))
     wall = time.perf_counter() - start
     curve, train_s = _curve(Path(summary["run_dir"]) / "metrics.jsonl")
-    # 3. the score: the whole validation split
+    # 2. the score: the whole validation split
     device = resolve_device(run_cfg.device)
     net, _, cfg = load_pretrained(summary["run_dir"], device=device)
     loss = val_nats(net, windows, device)
     return {"rung": rung, "model": _describe(rung, cfg["model"]), "params": _count_params(net), "steps": steps,
-            "train_tokens": steps * tokens_per_step, "train_s": train_s, "wall_s": wall, "val_nats": loss,
-            "ppl": math.exp(min(loss, 50.0)), "curve": curve, "run_dir": summary["run_dir"]}
+            "train_tokens": steps * tokens_per_step, "train_s": train_s, "wall_s": wall, "probe_tokens_per_s": tokens_per_s,
+            "val_nats": loss, "ppl": math.exp(min(loss, 50.0)), "curve": curve, "run_dir": summary["run_dir"]}
 
 
 def _describe(rung: str, m: dict[str, Any]) -> str:
@@ -432,7 +462,7 @@ def report_markdown(report: dict) -> str:
              f"{s['train_tokens']:,} training tokens; validation: {s['scored_tokens']:,} tokens scored in {s['val_windows']:,} "
              f"windows of {s['seq_len']} (each token predicted from the tokens before it in its window), vocabulary "
              f"{s['vocab_size']:,}. Neural rungs: about {s['target_params']:,} parameters (the GPT's, preset "
-             f"`{s['gpt']}`), {s['budget_s']:.0f} s of training each (steps set by a speed probe), batch "
+             f"`{s['gpt']}`), {s['budget_s']:.0f} s of training each (steps set by speed probes), batch "
              f"{s['train']['batch_size']}, lr {s['train']['lr']}, {s['threads']} torch thread(s), device "
              f"{s['device']}. Parameters of the n-gram: the numbers it stores (one probability per n-gram, one "
              f"back-off weight per context).", "", report_table(rows), ""]
