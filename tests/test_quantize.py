@@ -152,3 +152,15 @@ def test_a_linear_registered_twice_gets_one_copy():
     prepare_for_generation(model, "int8")
     assert model[0] is model[2] and isinstance(model[0], LowPrecisionLinear)
     torch.testing.assert_close(model(x), ref, rtol=0.05, atol=0.01)
+
+
+@pytest.mark.parametrize("width", [8, 24, 40, 48])
+def test_int8_is_right_for_widths_the_fast_kernel_does_not_handle(width):
+    """The CPU int8 kernel is used only for in_features % 16 == 0 (it crashed at 8 and summed wrongly at
+    24 and 40); every width equals the dequantized weights' product."""
+    torch.manual_seed(0)
+    linear = nn.Linear(width, 8)
+    q = LowPrecisionLinear.from_linear(linear, "int8")
+    x = torch.randn(3, width)
+    ref = F.linear(x, q.dequantized(), linear.bias)
+    torch.testing.assert_close(q(x), ref, rtol=0.02, atol=0.02 * float(ref.abs().max()))

@@ -90,7 +90,9 @@ class LowPrecisionLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         if self.weights == "fp16" and self.packed is not None and x2.dtype == torch.float32:
             y = torch.ops.quantized.linear_dynamic_fp16(x2.contiguous(), self.packed)  # bias included
-        elif self.weights == "int8" and x2.device.type == "cpu":
+        elif self.weights == "int8" and x2.device.type == "cpu" and self.in_features % 16 == 0:
+            # PyTorch's CPU int8 kernel is only right for in_features a multiple of 16: measured on an AMD
+            # EPYC, K=24 or 40 gave wrong sums and K=8 crashed the process; other widths take the path below
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale_bf16).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
