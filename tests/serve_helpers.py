@@ -110,3 +110,63 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+# ---- fine-tuned task models (through `lmforge finetune`, a few steps on made-up data) --------------------
+TASK_BERT = ["--arch", "bert", "--model.n_layer", "2", "--model.n_head", "2", "--model.d_model", "32",
+             "--model.d_ff", "64", "--model.max_position", "64"]
+TRAIN = ["--train.batch_size", "16", "--train.lr", "3e-3", "--train.device", "cpu", "--train.progress", "false",
+         "--train.tensorboard", "false", "--train.log_every", "10"]
+
+
+def make_classifier(d: Path, steps: int = 40) -> Path:
+    """A sentence classifier (pos / neg by a keyword) fine-tuned from scratch; returns its run directory."""
+    import random
+
+    from lmforge.cli import run_verb
+
+    rng = random.Random(0)
+    pos, neg, fill = "good great lovely superb".split(), "bad awful poor dull".split(), "the film plot was and it very".split()
+    rows = []
+    for _ in range(200):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(fill, 4) + [rng.choice(pos if label == "pos" else neg)]
+        rng.shuffle(words)
+        rows.append(f"{' '.join(words)}\t{label}")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[:160]) + "\n", encoding="utf-8")
+    (d / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(rows[160:]) + "\n", encoding="utf-8")
+    train_tokenizer([r.split("\t")[0] for r in rows], kind="wordpiece", vocab_size=100, min_frequency=1).save(d / "tok.json")
+    run_verb("finetune", ["--task", "classify", "--data.train", str(d / "train.tsv"), "--data.dev", str(d / "dev.tsv"),
+                          "--data.text", "sentence", "--data.label", "label", "--data.max_length", "32",
+                          "--tokenizer", str(d / "tok.json"), *TASK_BERT, *TRAIN, "--train.max_steps", str(steps),
+                          "--train.eval_every", str(steps), "--name", "cls", "--runs_dir", str(d / "runs")])
+    return d / "runs" / "cls"
+
+
+def make_tagger(d: Path, steps: int = 40) -> Path:
+    """A PER / LOC tagger (CoNLL words and IOB2 tags) fine-tuned from scratch; returns its run directory."""
+    import random
+
+    from lmforge.cli import run_verb
+
+    rng = random.Random(1)
+    first, places, other = ["alice", "bob", "carol"], ["paris", "rome", "oslo"], "met in at went to saw with the".split()
+
+    def sentence():
+        out = []
+        for _ in range(rng.randint(3, 7)):
+            r = rng.random()
+            out.append((rng.choice(first), "B-PER") if r < 0.3 else (rng.choice(places), "B-LOC") if r < 0.5
+                       else (rng.choice(other), "O"))
+        return "\n".join(f"{w} {t}" for w, t in out)
+
+    d.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 120), ("dev", 30)):
+        (d / f"{split}.txt").write_text("\n\n".join(sentence() for _ in range(n)) + "\n", encoding="utf-8")
+    words = [ln.split()[0] for ln in (d / "train.txt").read_text().splitlines() if ln.strip()]
+    train_tokenizer([" ".join(words)], kind="wordpiece", vocab_size=80, min_frequency=1).save(d / "tok.json")
+    run_verb("finetune", ["--task", "tag", "--data.train", str(d / "train.txt"), "--data.dev", str(d / "dev.txt"),
+                          "--tokenizer", str(d / "tok.json"), *TASK_BERT, *TRAIN, "--train.max_steps", str(steps),
+                          "--train.eval_every", str(steps), "--name", "ner", "--runs_dir", str(d / "runs")])
+    return d / "runs" / "ner"

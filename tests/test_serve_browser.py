@@ -11,7 +11,7 @@ from lmforge.serve.app import build_app, build_engines
 from lmforge.serve.config import EngineOptions, Limits
 from lmforge.serve.metrics import Metrics
 
-from serve_helpers import Server, make_bert, make_gpt, post
+from serve_helpers import Server, make_bert, make_classifier, make_gpt, make_tagger, post
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -128,3 +128,45 @@ def test_playground_reports_errors_on_the_page(server, browser):
     browser.find_element(By.ID, "fill").click()
     _wait(browser, lambda d: "no [MASK]" in d.find_element(By.ID, "status").text)
     assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+
+
+@pytest.fixture(scope="module")
+def task_server(tmp_path_factory):
+    pytest.importorskip("lmforge.tasks")
+    d = tmp_path_factory.mktemp("serve_browser_tasks")
+    engines = build_engines([f"sentiment={make_classifier(d / 'cls')}", f"ner={make_tagger(d / 'ner')}"])
+    srv = Server(build_app(engines))
+    yield srv
+    srv.stop()
+
+
+def test_playground_task_models(task_server, browser):
+    """Classification probabilities as bars; entities highlighted in the text at their character offsets."""
+    browser.get_log("browser")  # start with an empty console
+    browser.get(task_server.url + "/")
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 2)
+    _choose(browser, "sentiment")
+    assert browser.find_element(By.ID, "panel-classify").is_displayed()
+    _set(browser, "classify-text", "the film was great")
+    browser.find_element(By.ID, "classify").click()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#classify-output .candidate"))
+    api = post(task_server.port, "/v1/classify", {"model": "sentiment", "inputs": ["the film was great"]})[1]["data"][0]
+    assert browser.find_element(By.CSS_SELECTOR, "#classify-output strong").text == api["label"]
+    bars = {r.find_element(By.CSS_SELECTOR, "span").text: r.find_elements(By.CSS_SELECTOR, "span")[-1].text
+            for r in browser.find_elements(By.CSS_SELECTOR, "#classify-output .candidate")}
+    assert bars == {label: f"{p:.3f}" for label, p in api["probs"].items()}
+
+    _choose(browser, "ner")
+    assert browser.find_element(By.ID, "panel-tag").is_displayed()
+    text = "yesterday alice went to paris"
+    _set(browser, "tag-text", text)
+    browser.find_element(By.ID, "tag").click()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#tag-output p.muted"))
+    entities = post(task_server.port, "/v1/tag", {"model": "ner", "inputs": [text]})[1]["data"][0]["entities"]
+    marks = browser.find_elements(By.CSS_SELECTOR, "#tag-output mark")
+    assert [m.find_element(By.CSS_SELECTOR, "sub").text for m in marks] == [e["type"] for e in entities]
+    assert [m.text.rsplit("\n", 1)[0].removesuffix(m.find_element(By.CSS_SELECTOR, "sub").text)
+            for m in marks] == [text[e["start"]:e["end"]] for e in entities]
+    assert browser.find_element(By.CSS_SELECTOR, "#tag-output p.highlighted").text.replace("\n", "") \
+        .startswith("yesterday ")
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -123,31 +123,41 @@ class AttentionBody(Body):
 
 
 # What to say when a field has the wrong shape (pydantic lists one error per union member).
+STRINGS = "a string or a list of strings"
 SHAPES = {
-    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
-    "input": "a string or a list of strings",
-    "inputs": "a string or a list of them (see the route's documentation for objects)",
-    "stop": "a string or a list of strings",
+    CompletionBody: {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+                     "stop": STRINGS},
+    EmbeddingBody: {"input": STRINGS},
+    FillMaskBody: {"inputs": STRINGS},
+    TagBody: {"inputs": STRINGS},
+    ClassifyBody: {"inputs": 'a string, or a list of strings or {"text", "text_pair"} objects'},
+    QABody: {"inputs": 'a {"question", "context"} object or a list of them'},
 }
 
 
 def _message(err: ValidationError, body_cls: type[Body]) -> tuple[str, str | None]:
-    """One line for the first problem of a pydantic error, and the field it is about."""
-    first = err.errors()[0]
-    loc = [str(x) for x in first["loc"]]
-    field = loc[0] if loc else None
+    """One line for the first problem of a pydantic error, and the field it is about. Inside a union,
+    an unknown or missing key of an object is the likeliest mistake, so it is named first."""
+    errors = err.errors()
+    keyed = [e for e in errors if e["type"] == "extra_forbidden"] + [e for e in errors if e["type"] == "missing"]
+    first = keyed[0] if keyed else errors[0]
+    loc = first["loc"]
+    field = str(loc[0]) if loc else None
+    where = _where(loc)
     if first["type"] == "extra_forbidden":
-        name = loc[-1]
-        valid = list(body_cls.model_fields) if len(loc) == 1 else []
-        return f"unknown field '{'.'.join(loc)}'{closest(name, valid) if valid else ''}", field
+        nested = [NESTED[x] for x in loc if x in NESTED]
+        valid = list((nested[-1] if nested else body_cls).model_fields) if len(loc) == 1 or nested else []
+        return f"unknown field '{where}'{closest(str(loc[-1]), valid) if valid else ''}", field
     if first["type"] == "missing":
-        return f"missing required field '{'.'.join(loc)}'", field
-    if field in SHAPES and not first["type"].endswith(("_too_short",)):
-        return f"{field} must be {SHAPES[field]}, got {_show(first.get('input'))}", field
+        return f"missing required field '{where}'", field
+    shapes = SHAPES.get(body_cls, {})
+    if field in shapes:
+        return f"{field} must be {shapes[field]}, got {_show(first.get('input'))}", field
     return f"{_where(first['loc']) or 'body'}: {first['msg'].lower()}, got {_show(first.get('input'))}", field
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "none", "Pair", "Question", "StreamOptions"}
+NESTED = {"Pair": Pair, "Question": Question, "StreamOptions": StreamOptions}
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", *NESTED}
 
 
 def _where(loc: tuple) -> str:

@@ -165,8 +165,9 @@ async function tag() {
   try {
     const data = await post("/v1/tag", { model: $("model").value, inputs: [text] });
     const ents = data.data[0].entities || [];
-    out.replaceChildren(highlight(text, ents.map((e) => ({ start: e.start, end: e.end, label: e.type,
-      title: e.type + " " + (e.score != null ? e.score.toFixed(3) : "") })), el("p", { class: "muted" }, ents.length + " entities")));
+    const spans = ents.map((e) => ({ start: e.start, end: e.end, label: e.type,
+      title: e.type + (e.score != null ? " " + e.score.toFixed(3) : "") }));
+    out.replaceChildren(highlight(text, spans), el("p", { class: "muted" }, ents.length + " entities"));
     setStatus("tagged");
   } catch (e) { out.textContent = ""; setStatus(e.message, true); }
 }
