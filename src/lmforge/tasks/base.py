@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import tokenizers
 import torch
 from torch import nn
 
@@ -83,15 +82,6 @@ class FeatureStats:
     def as_dict(self) -> dict[str, Any]:
         return {"examples": self.examples, "truncated": self.truncated, "words_dropped": self.words_dropped,
                 **self.extra}
-
-
-def truncating(tokenizer, max_length: int) -> tokenizers.Tokenizer:
-    """A copy of the tokenizer's backend that adds its special tokens (the post-processor's `[CLS] a
-    [SEP] b [SEP]` template) and truncates to `max_length` (longest-first for pairs)."""
-    backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
-    backend.no_padding()
-    backend.enable_truncation(max_length=max_length, strategy="longest_first")
-    return backend
 
 
 def pad_id_of(tokenizer) -> int:

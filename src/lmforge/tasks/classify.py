@@ -17,7 +17,7 @@ from torch import nn
 from lmforge.config import from_dict
 from lmforge.data.task_batches import collate_tokens
 from lmforge.errors import ConfigError, DataError
-from lmforge.tasks.base import FeatureStats, TaskData, truncating
+from lmforge.tasks.base import FeatureStats, TaskData
 
 
 @dataclass
@@ -102,16 +102,14 @@ class ClassifyTask:
 
     # -- features and batches ------------------------------------------------------------------
     def featurize(self, examples: Sequence, tokenizer, labels: list[str] | None, data: TaskData):
-        backend = truncating(tokenizer, data.max_length)
-        inputs = [(ex.text, ex.text_pair) if self.pair else ex.text for ex in examples]
-        encodings = backend.encode_batch(inputs, add_special_tokens=True)
+        enc = tokenizer.encode_for_model([ex.text for ex in examples],
+                                         [ex.text_pair for ex in examples] if self.pair else None,
+                                         max_length=data.max_length, padding=False)
         index = {name: i for i, name in enumerate(labels or [])}
-        stats = FeatureStats(examples=len(examples))
-        features = []
-        for ex, enc in zip(examples, encodings):
-            stats.truncated += bool(enc.overflowing)
-            features.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids,
-                             "label": index.get(ex.label, -100) if ex.label is not None else -100})
+        stats = FeatureStats(examples=len(examples), truncated=sum(enc["truncated"]))
+        features = [{"input_ids": ids, "token_type_ids": types,
+                     "label": index.get(ex.label, -100) if ex.label is not None else -100}
+                    for ex, ids, types in zip(examples, enc["input_ids"], enc["token_type_ids"])]
         return features, stats
 
     def collate(self, features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from torch import nn
 from lmforge.config import from_dict
 from lmforge.data.task_batches import collate_tokens, pad_to
 from lmforge.errors import ConfigError, DataError
-from lmforge.tasks.base import FeatureStats, TaskData, truncating
+from lmforge.tasks.base import FeatureStats, TaskData
 
 
 @dataclass
@@ -134,24 +134,22 @@ class TagTask:
 
     # -- features and batches ------------------------------------------------------------------
     def featurize(self, examples: Sequence, tokenizer, labels: list[str] | None, data: TaskData):
-        backend = truncating(tokenizer, data.max_length)
-        encodings = backend.encode_batch([list(ex.words) for ex in examples], is_pretokenized=True,
-                                         add_special_tokens=True)
+        enc = tokenizer.encode_for_model([list(ex.words) for ex in examples], max_length=data.max_length,
+                                         padding=False, pretokenized=True)
         index = {name: i for i, name in enumerate(labels or [])}
-        stats = FeatureStats(examples=len(examples))
+        stats = FeatureStats(examples=len(examples), truncated=sum(enc["truncated"]))
         features = []
-        for ex, enc in zip(examples, encodings):
+        for ex, ids, types, word_ids in zip(examples, enc["input_ids"], enc["token_type_ids"], enc["word_ids"]):
             first: dict[int, int] = {}
-            for pos, w in enumerate(enc.word_ids):
+            for pos, w in enumerate(word_ids):
                 if w is not None and w not in first:
                     first[w] = pos
             present = sorted(first)  # words with at least one token inside max_length
-            stats.truncated += bool(enc.overflowing)
             stats.words_dropped += len(ex.words) - len(present)
             if not present:
                 raise DataError(f"{ex.where}: no word of this sentence survives tokenization")
             tags = [index.get(ex.tags[w], -100) for w in present] if labels else [-100] * len(present)
-            features.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids,
+            features.append({"input_ids": ids, "token_type_ids": types,
                              "word_starts": [first[w] for w in present], "word_index": present,
                              "n_words": len(ex.words), "tags": tags})
         return features, stats
