@@ -351,12 +351,19 @@ def test_pretrain_existing_run_needs_resume_or_overwrite(tiny, tmp_path, capsys)
     assert cli(argv + ["--name", "r"]) == 0
     line = error_line(capsys, argv + ["--name", "r"])
     assert "r already holds checkpoints (newest step-2); pass --resume latest" in line and "--overwrite" in line
-    (tmp_path / "r" / "notes.txt").write_text("mine")  # --overwrite replaces a run, never something else
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "notes.txt").write_text("mine")
-    assert "other: exists and does not look like this verb's output" in error_line(capsys, argv + ["--name", "other", "--overwrite"])
-    assert cli(argv + ["--name", "r", "--overwrite"]) == 0
-    assert not (tmp_path / "r" / "notes.txt").exists() and (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    (tmp_path / "r" / "notes.txt").write_text("mine")  # --overwrite replaces the run's outputs, nothing else
+    (tmp_path / "r" / "checkpoints" / "step-1").mkdir()
+    assert cli(argv + ["--name", "r", "--overwrite", "--train.max_steps", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["checkpoints", "config.yaml", "loss.png",
+                                                                  "metrics.jsonl", "notes.txt"]
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-1"]
+    assert (tmp_path / "r" / "notes.txt").read_text() == "mine"
+    (tmp_path / "f").write_text("mine")
+    assert "f: exists and is a file; a run is a folder" in error_line(capsys, argv + ["--name", "f", "--overwrite"])
+    # a folder that holds other things (quickstart's data and tokenizer) takes a run beside them
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "tokenizer.json").write_text("{}")
+    assert cli(argv + ["--name", "q"]) == 0 and (tmp_path / "q" / "tokenizer.json").read_text() == "{}"
 
 
 @pytest.fixture(scope="module")
@@ -497,3 +504,16 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tiny, tmp_path
             for n in ("ref", "run")}
     assert rows["run"] == rows["ref"], f"killed at step {k}"
     assert len([r for r in rows["ref"] if r[1] == "train"]) == steps
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max_steps", "0"], "max_steps must be at least 1, got 0"),
+    (["--vocab_size", "10"], "vocab_size: a byte-level BPE needs at least 257"),
+    (["--device", "foo"], "device: 'foo' is not a device"),
+    (["--max_mb", "-1"], "max_mb must be > 0, got -1.0"),
+    (["--seq_len", "0"], "data.seq_len must be at least 1, got 0"),
+    (["--corpus", "nowhere.txt"], "nowhere.txt: no such file or folder"),
+])
+def test_quickstart_bad_values_fail_before_anything_is_made(tmp_path, capsys, extra, message):
+    assert message in error_line(capsys, ["quickstart", "--runs_dir", tmp_path / "runs", *extra])
+    assert not (tmp_path / "runs").exists()

@@ -44,7 +44,8 @@ class DataConfig:
             raise ConfigError(f"data.seq_len must be at least 1, got {self.seq_len}")
 
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")  # what marks a folder as an lmforge run
+# what a run writes in its folder (and --overwrite removes); anything else there is left alone
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "loss.png", "best")
 
 
 def run_directory(runs_dir: str, name: str, *, resume: Optional[str], overwrite: bool,
@@ -54,10 +55,10 @@ def run_directory(runs_dir: str, name: str, *, resume: Optional[str], overwrite:
     NAME must stay inside RUNS_DIR. `resume` 'latest' continues the run's newest complete checkpoint, or
     starts it from step 0 when there is none yet (a run killed before its first save); a path must be a
     complete checkpoint. Without `resume`, a run that already holds checkpoints is refused unless
-    `overwrite` (then the old run is replaced once the new one starts); a folder that is not a run is
-    never replaced. The temporary folders a killed run left behind are removed first (rank 0).
+    `overwrite` (then the old run's outputs, RUN_OUTPUTS, are removed once the new run starts; other
+    files in the folder are never touched). The temporary folders a killed run left behind are removed
+    first (rank 0).
     """
-    from lmforge.storage import check_output
     from lmforge.train.checkpoint import clean_stale_checkpoints, find_checkpoint, step_checkpoints
 
     runs = Path(runs_dir)
@@ -81,14 +82,14 @@ def run_directory(runs_dir: str, name: str, *, resume: Optional[str], overwrite:
         find_checkpoint(resume)  # a clear error now rather than after the run folder exists
         return run_dir, resume
     if rank == 0 and run_dir.exists():
+        if not run_dir.is_dir():
+            raise ConfigError(f"{run_dir}: exists and is a file; a run is a folder (choose another --name)")
         found = step_checkpoints(run_dir)
         if found and not overwrite:
             raise ConfigError(f"{run_dir} already holds checkpoints (newest {found[-1].name}); pass --resume latest "
                               f"to continue it, --overwrite to start it again, or another --name")
         if not found and not overwrite and (run_dir / "config.yaml").is_file():
             print(f"note: {run_dir} holds a run that stopped before its first checkpoint; starting it again", flush=True)
-        else:
-            check_output(run_dir, overwrite=overwrite, kind="dir", replaceable=RUN_FILES)
     return run_dir, None
 
 
@@ -237,8 +238,8 @@ def pretrain(
 
         from lmforge.config import save_yaml
 
-        if overwrite and run_dir.is_dir():
-            shutil.rmtree(run_dir)
+        for old in (run_dir / n for n in RUN_OUTPUTS if overwrite):
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(run_config, run_dir / "config.yaml")
         describe = net.describe() if hasattr(net, "describe") else type(net).__name__

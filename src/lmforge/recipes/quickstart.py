@@ -70,8 +70,19 @@ def quickstart(
     from lmforge.text.clean import read_documents
     from lmforge.text.tokenizer import train_tokenizer
     from lmforge.train.checkpoint import load_pretrained
-    from lmforge.train.config import TrainConfig
+    from lmforge.errors import ConfigError
+    from lmforge.train.config import TrainConfig, check_device
 
+    # every value checked before anything is written or trained
+    check_device(device, "device")
+    train = TrainConfig(max_steps=max_steps, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=max(10, max_steps // 20),
+                        eval_every=max(1, max_steps // 4), log_every=10, save_every=0, seed=seed, device=device,
+                        weight_decay=0.1, beta2=0.99)
+    data = DataConfig(seq_len=seq_len)
+    if vocab_size < 257:
+        raise ConfigError(f"vocab_size: a byte-level BPE needs at least 257 (256 bytes + end-of-text), got {vocab_size}")
+    if not max_mb > 0:
+        raise ConfigError(f"max_mb must be > 0, got {max_mb}")
     runs = Path(runs_dir)
     name = _free_name(runs, "quickstart")
     run_dir = runs / name
@@ -92,11 +103,8 @@ def quickstart(
     prepare(inputs, str(data_dir), tokenizer=str(tok_path), val_fraction=0.05, split="document", doc_sep=doc_sep, seed=seed)
 
     print(f"[3/4] pretraining a GPT for {max_steps} steps", flush=True)
-    train = TrainConfig(max_steps=max_steps, batch_size=16, lr=2e-3, min_lr=2e-4, warmup_steps=max(10, max_steps // 20),
-                        eval_every=max(1, max_steps // 4), log_every=10, save_every=0, seed=seed, device=device,
-                        weight_decay=0.1, beta2=0.99)
     model = {"n_layer": 4, "n_head": 4, "d_model": 128, "block_size": seq_len, "dropout": 0.0, "bias": False}
-    summary = pretrain(data=DataConfig(path=str(data_dir), seq_len=seq_len), arch="gpt", model=model, objective="clm",
+    summary = pretrain(data=DataConfig(path=str(data_dir), seq_len=data.seq_len), arch="gpt", model=model, objective="clm",
                        train=train, name=name, runs_dir=str(runs))
 
     print("[4/4] samples (top-k 40, temperature 0.8):", flush=True)
