@@ -517,3 +517,18 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tiny, tmp_path
 def test_quickstart_bad_values_fail_before_anything_is_made(tmp_path, capsys, extra, message):
     assert message in error_line(capsys, ["quickstart", "--runs_dir", tmp_path / "runs", *extra])
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import lmforge.storage as storage
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    (tmp_path / "in.txt").write_text("one\n\ntwo\n")
+    monkeypatch.setattr(storage, "_fsync", full)
+    line = error_line(capsys, ["clean", tmp_path / "in.txt", "--out", tmp_path / "out.txt"])
+    assert line.startswith("lmforge clean: error: ") and line.endswith("No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]

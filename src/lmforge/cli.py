@@ -4,6 +4,7 @@ one line and exits 2; anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import re
 import sys
@@ -205,6 +206,10 @@ def run_verb(verb: str, args: list[str]) -> object:
         raise LmforgeError(msg) from None
 
 
+# the machine, not lmforge: a full disk, a quota, a read-only file system, no permission
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -219,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         run_verb(argv[0], argv[1:])
     except LmforgeError as e:
         print(f"lmforge {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:  # anything else is a bug: keep its traceback
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lmforge {argv[0]}: error: {where}{e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
