@@ -162,7 +162,7 @@ def test_nonfinite_step_is_skipped_with_a_warning(tmp_path, capsys):
 def test_diverged_run_stops_with_a_clear_error(tmp_path):
     trainer = make_trainer(tmp_path / "run", FlakyCLM(range(2, 100)), max_steps=20, max_nonfinite_steps=3)
     with pytest.raises(DivergedError, match=r"training diverged: 4 steps in a row up to step 6 had a non-finite loss"
-                                            r".*train\.max_nonfinite_steps=3"):
+                                            r".*train\.max_nonfinite_steps=3\); lower train\.lr, lengthen train\.warmup_steps"):
         trainer.fit()
 
 
@@ -532,3 +532,28 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, capsys, monke
     line = error_line(capsys, ["clean", tmp_path / "in.txt", "--out", tmp_path / "out.txt"])
     assert line.startswith("lmforge clean: error: ") and line.endswith("No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+def test_readme_troubleshooting_rows_are_tested():
+    """Each row of the README's troubleshooting table names a test here whose source holds the row's
+    message (placeholders such as OUT or N aside)."""
+    import difflib
+    import inspect
+    import re
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| `") or ln.startswith("| the ") or ln.startswith("| any ")]
+    assert len(rows) >= 20
+    module = sys.modules[__name__]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        message, test = re.search(r"`(.+)`", cells[1]).group(1), cells[2].strip("`")
+        assert hasattr(module, test), f"README row names a missing test: {test}"
+        source = inspect.getsource(getattr(module, test))
+        pieces = [p for p in re.split(r"\b[A-Z]{1,5}\b|\(\.\.\.\)|\.\.\.", message) if p.strip()]
+        best = max(difflib.SequenceMatcher(None, p, source, autojunk=False).find_longest_match(0, len(p), 0, len(source)).size
+                   for p in pieces)
+        assert best >= min(20, max(map(len, pieces))), f"{test} does not check the README's message {message!r}"
