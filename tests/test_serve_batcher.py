@@ -207,3 +207,9 @@ def test_max_tokens_finishes_with_length():
     out = _push(row, "abc")
     assert [f for _, f in out] == [None, None, "length"]
     assert "".join(t for t, _ in out) == "abc"
+
+
+def test_ignore_eos_keeps_going():
+    row = Row([1], Sampling(max_tokens=3, ignore_eos=True))
+    assert row.push(0, CharTok, CharTok.eos_id) == ("\x00", None)
+    assert Row([1], Sampling(max_tokens=3)).push(0, CharTok, CharTok.eos_id) == ("", "stop")

@@ -43,6 +43,7 @@ class Sampling:
         seed: seeds this row's generator (required to sample; the engine draws one when the request has none).
         logprobs: None, or how many most likely alternatives to report per token (0..5).
         stop: strings that end the completion; the text is cut before the first one.
+        ignore_eos: keep going past the end-of-text token (benchmarks: every completion max_tokens long).
     """
 
     max_tokens: int
@@ -53,6 +54,7 @@ class Sampling:
     seed: int = 0
     logprobs: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 class Row:
@@ -77,7 +79,7 @@ class Row:
     def push(self, token: int, tokenizer: Any, eos_id: int | None) -> tuple[str, str | None]:
         """Add a sampled token; return (text to send now, finish reason or None)."""
         self.generated += 1
-        if eos_id is not None and token == eos_id:
+        if eos_id is not None and token == eos_id and not self.sampling.ignore_eos:
             return self._finish("stop")
         self.out.append(token)
         text = tokenizer.decode(self.out)

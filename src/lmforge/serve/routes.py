@@ -4,7 +4,8 @@ Bodies are read here (not by FastAPI) so that every bad request gets one clear l
 shape, {"error": {"message", "type", "param", "code"}}: an oversized body (413), invalid UTF-8, malformed
 JSON, a non-object, an unknown field (with the closest valid name), a wrong type, an out-of-range value,
 an unknown model (404) or a task the model cannot do (400). Completions, embeddings and models follow
-OpenAI's API; fill-mask, classify, tag, qa and attention are lmforge's own ("lists in, labels/spans/tokens
+OpenAI's API (completions also take three of vLLM's extensions: `top_k`, `repetition_penalty`,
+`ignore_eos`); fill-mask, classify, tag, qa and attention are lmforge's own ("lists in, labels/spans/tokens
 with scores out"). Routes never touch tensors: the engine takes and returns plain values.
 """
 from __future__ import annotations
@@ -67,6 +68,7 @@ class CompletionBody(Body):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     repetition_penalty: Optional[float] = 1.0
+    ignore_eos: Optional[bool] = False
     echo: Optional[bool] = False
     best_of: Optional[int] = None
     frequency_penalty: Optional[float] = 0.0
@@ -330,7 +332,8 @@ def _sampling(body: CompletionBody, limits) -> tuple[Sampling, int]:
     if body.best_of not in (None, n):
         raise ApiError(400, "best_of is not supported (leave it out, or equal to n)", param="best_of")
     return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    repetition_penalty=penalty, logprobs=body.logprobs, stop=tuple(stops)), n
+                    repetition_penalty=penalty, logprobs=body.logprobs, stop=tuple(stops),
+                    ignore_eos=bool(body.ignore_eos)), n
 
 
 def _prompts(body: CompletionBody, limits) -> list:
