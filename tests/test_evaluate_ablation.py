@@ -1,0 +1,117 @@
+"""`lmforge evaluate` perplexity against a token-by-token reference, and `lmforge ablation` end to end."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.cli import main, run_verb
+from lmforge.models import build_model
+from lmforge.text.tokenizer import train_tokenizer
+from lmforge.train.checkpoint import save_checkpoint
+
+TEXT = ("the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat and "
+        "a bird sings in the old tree near the river bank as the sun goes down over the hills ") * 3
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpt")
+    tok = train_tokenizer([TEXT], kind="bpe", vocab_size=280, min_frequency=1)
+    values = {"vocab_size": tok.vocab_size, "block_size": 16, "n_layer": 2, "n_head": 2, "d_model": 16}
+    torch.manual_seed(0)
+    model = build_model("gpt", values)
+    save_checkpoint(d / "ckpt", model=model, config={"arch": "gpt", "model": values}, tokenizer=tok)
+    (d / "text.txt").write_text(TEXT, encoding="utf-8")
+    return d, model.eval(), tok
+
+
+def reference_nll(model, ids, context, stride):
+    """Token by token: token t (t >= 1) is predicted from the window that scores it, rebuilt by hand:
+    the first window covers tokens 0..context; window k starts at k * stride and scores the tokens past
+    the previous window's end."""
+    total, n = 0.0, 0
+    starts = [0]
+    while starts[-1] + context + 1 < len(ids):
+        starts.append(starts[-1] + stride)
+    scored = 0  # tokens 1..scored are done
+    for s in starts:
+        end = min(s + context + 1, len(ids))
+        for t in range(max(scored + 1, s + 1), end):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[s:t]]))
+            total += float(F.cross_entropy(logits[0, -1:], torch.tensor([ids[t]])))
+            n += 1
+        scored = end - 1
+    assert n == len(ids) - 1  # every token but the first, once
+    return total / n
+
+
+@pytest.mark.parametrize("stride", [16, 5, 1])
+def test_perplexity_equals_token_by_token(tiny_gpt, tmp_path, stride):
+    d, model, tok = tiny_gpt
+    report = run_verb("evaluate", [str(d / "ckpt"), "--data", str(d / "text.txt"), "--stride", str(stride),
+                                   "--out", str(tmp_path / "rep"), "--batch_size", "3"])
+    ids = tok.encode(TEXT)
+    ref = reference_nll(model, ids, 16, stride)
+    assert report["metrics"]["tokens"] == len(ids) - 1
+    assert report["metrics"]["loss"] == pytest.approx(ref, abs=1e-5)
+    assert report["metrics"]["ppl"] == pytest.approx(math.exp(ref), rel=1e-5)
+    saved = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert saved["settings"]["stride"] == stride and "perplexity" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_perplexity_errors(tiny_gpt, tmp_path, capsys):
+    d, _, _ = tiny_gpt
+    assert main(["evaluate", str(d / "ckpt"), "--data", str(d / "text.txt"), "--stride", "17",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "stride must be in [1, 16]" in capsys.readouterr().err
+    (tmp_path / "one.txt").write_text("a")
+    assert main(["evaluate", str(d / "ckpt"), "--data", str(tmp_path / "one.txt"), "--out", str(tmp_path / "r")]) == 2
+    assert "fewer than 2 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_ablation_end_to_end(tmp_path):
+    from test_finetune import sentence, write_table
+
+    rng = random.Random(3)
+    for split, n in (("train", 96), ("dev", 32)):
+        write_table(tmp_path / f"{split}.tsv", [(sentence(rng, lab), lab) for lab in
+                                                 (rng.choice(["pos", "neg"]) for _ in range(n))])
+    texts = [l.split("\t")[0] for l in (tmp_path / "train.tsv").read_text().splitlines()[1:]]
+    tok = train_tokenizer(texts, kind="wordpiece", vocab_size=100, min_frequency=1)
+    values = {"vocab_size": tok.vocab_size, "max_position": 32, "n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "base", model=build_model("bert", values), config={"arch": "bert", "model": values},
+                    tokenizer=tok)
+    report = run_verb("ablation", ["--task", "classify", "--init_from", str(tmp_path / "base"),
+                                   "--data.train", str(tmp_path / "train.tsv"), "--data.dev", str(tmp_path / "dev.tsv"),
+                                   "--data.text", "sentence", "--data.label", "label", "--train.max_steps", "6",
+                                   "--train.eval_every", "3", "--train.batch_size", "16", "--train.lr", "1e-3",
+                                   "--train.device", "cpu", "--seeds", "[1, 2]", "--name", "abl",
+                                   "--runs_dir", str(tmp_path / "runs")])
+    root = tmp_path / "runs" / "abl"
+    for f in ("report.md", "report.json", "curves.png"):
+        assert (root / f).is_file()
+    for arm in ("base", "random"):
+        per_seed = report["arms"][arm]["per_seed"]
+        assert [p["seed"] for p in per_seed] == [1, 2]
+        devs = [p["dev"] for p in per_seed]
+        assert report["arms"][arm]["dev"][0] == pytest.approx(sum(devs) / 2)
+        for seed in (1, 2):
+            cfg = (root / f"{arm}-seed{seed}" / "config.yaml").read_text()
+            assert f"seed: {seed}" in cfg
+    # the base arm starts from the saved weights, the random arm from a fresh init of the same shape
+    assert "random init" in (root / "random-seed1" / "config.yaml").read_text()
+    md = (root / "report.md").read_text()
+    assert "pretrained" in md and "random init" in md and "+-" in md
+    # refusing to run over an existing ablation without --overwrite
+    with pytest.raises(Exception, match="--overwrite"):
+        run_verb("ablation", ["--task", "classify", "--init_from", str(tmp_path / "base"), "--data.train",
+                              str(tmp_path / "train.tsv"), "--data.dev", str(tmp_path / "dev.tsv"), "--name", "abl",
+                              "--runs_dir", str(tmp_path / "runs")])
