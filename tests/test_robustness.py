@@ -137,8 +137,12 @@ class FlakyCLM(CLMObjective):
         return loss, metrics
 
 
-def test_nonfinite_step_is_skipped_with_a_warning(tmp_path, capsys):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw-skips-on-device", "other-optimizers-sync"])
+def test_nonfinite_step_is_skipped_with_a_warning(tmp_path, capsys, fused):
     trainer = make_trainer(tmp_path / "run", FlakyCLM({3}), max_steps=6)
+    assert trainer._fused_optimizer()  # on CPU and CUDA the trainer's AdamW is the fused one
+    if not fused:
+        trainer._fused_optimizer = lambda: False
     before = {}
 
     real_step = trainer._train_step
@@ -150,10 +154,12 @@ def test_nonfinite_step_is_skipped_with_a_warning(tmp_path, capsys):
     trainer._train_step = spy
     trainer.fit()
     err = capsys.readouterr().err
-    assert "warning: step 4: non-finite loss nan" in err and "step skipped" in err
+    assert "warning: 1 step(s) up to step 4 had a non-finite loss or gradient and were skipped (no update; " \
+           "the last: step 4)" in err
     # step index 3 changed nothing: the weights before step 4 equal those before step 3
     for a, b in zip(before[3], before[4]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(int(st["step"]) == 5 for st in trainer.optimizer.state.values())  # 6 steps, one skipped
     losses = train_losses(tmp_path / "run")
     assert losses[4] is None and all(math.isfinite(losses[s]) for s in (1, 2, 3, 5, 6))
     assert all(torch.isfinite(p).all() for p in trainer.raw_model.parameters())
@@ -161,8 +167,9 @@ def test_nonfinite_step_is_skipped_with_a_warning(tmp_path, capsys):
 
 def test_diverged_run_stops_with_a_clear_error(tmp_path):
     trainer = make_trainer(tmp_path / "run", FlakyCLM(range(2, 100)), max_steps=20, max_nonfinite_steps=3)
-    with pytest.raises(DivergedError, match=r"training diverged: 4 steps in a row up to step 6 had a non-finite loss"
-                                            r".*train\.max_nonfinite_steps=3\); lower train\.lr, lengthen train\.warmup_steps"):
+    with pytest.raises(DivergedError, match=r"training diverged: 4 steps in a row had a non-finite loss or gradient "
+                                            r"\(the last: step 6; train\.max_nonfinite_steps=3\); lower train\.lr, "
+                                            r"lengthen train\.warmup_steps"):
         trainer.fit()
 
 

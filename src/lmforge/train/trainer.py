@@ -487,43 +487,65 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v.detach().float() / cfg.grad_accum
         if cfg.grad_clip > 0:
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip, foreach=True).detach()
-        if self._finite(sums):
+        bad = self._nonfinite(sums)
+        if self._fused_optimizer():
+            # the fused AdamW kernel skips the whole update (weights, moments, step count) where found_inf
+            # is set, as under a GradScaler: the skip needs no host sync
+            self.optimizer.found_inf = bad.float()
             self.optimizer.step()
-            self._nonfinite_steps = 0
-        else:  # skip the update: the weights and optimizer moments stay as they were
-            self._nonfinite_steps += 1
-            self._report_nonfinite(step, sums)
+        elif not bad.item():
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._count_nonfinite(step, bad)
         return sums
 
-    _nonfinite_steps = 0  # consecutive skipped steps
+    _nonfinite_counts: dict[str, torch.Tensor] | None = None  # on the device: see _count_nonfinite
 
-    def _finite(self, sums: dict[str, torch.Tensor]) -> bool:
-        """Whether the step's loss (and gradient norm, when clipping computes it) are finite, agreed by
-        every process. One small device-to-host copy per step."""
+    def _fused_optimizer(self) -> bool:
+        return all(group.get("fused") for group in self.optimizer.param_groups)
+
+    def _nonfinite(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A 0-dim bool tensor on the device: the step's loss (or gradient norm, when clipping computes
+        it) is NaN or infinite in any process."""
         bad = ~torch.isfinite(sums["loss"])
         if "grad_norm" in sums:
             bad = bad | ~torch.isfinite(sums["grad_norm"])
         if self.world_size > 1:
             import torch.distributed as dist
 
-            bad = bad.to(torch.int32)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return not bool(bad.item())
+            flag = bad.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = flag.bool()
+        return bad
 
-    def _report_nonfinite(self, step: int, sums: dict[str, torch.Tensor]) -> None:
-        what = ", ".join(f"{k} {v.item()}" for k, v in sums.items() if k in ("loss", "grad_norm"))
-        limit = self.cfg.max_nonfinite_steps
-        if self._nonfinite_steps > limit:
+    def _count_nonfinite(self, step: int, bad: torch.Tensor) -> None:
+        """Count skipped steps on the device; read the counts when a metrics line is written (the loop
+        syncs then anyway): warn about skipped steps, and stop when more than train.max_nonfinite_steps
+        came in a row."""
+        if self._nonfinite_counts is None:
+            zero = torch.zeros((), dtype=torch.int64, device=bad.device)
+            self._nonfinite_counts = {"run": zero, "worst": zero, "skipped": zero, "last": zero}
+        c, b = self._nonfinite_counts, bad.to(torch.int64)
+        c["run"] = (c["run"] + 1) * b  # the current streak of skipped steps
+        c["worst"] = torch.maximum(c["worst"], c["run"])
+        c["skipped"] = c["skipped"] + b
+        c["last"] = torch.where(bad, step + 1, c["last"])
+        done, limit = step + 1, self.cfg.max_nonfinite_steps
+        if done % self.cfg.log_every and done != self.cfg.max_steps:
+            return
+        worst, skipped, last = torch.stack([c["worst"], c["skipped"], c["last"]]).tolist()
+        c["worst"], c["skipped"] = c["run"], torch.zeros_like(c["skipped"])
+        if worst > limit:
             raise DivergedError(
-                f"training diverged: {self._nonfinite_steps} steps in a row up to step {step + 1} had a "
-                f"non-finite loss or gradient ({what}; train.max_nonfinite_steps={limit}); lower train.lr, "
-                f"lengthen train.warmup_steps or set train.grad_clip, and --resume from an earlier checkpoint")
-        if self.is_main:
+                f"training diverged: {worst} steps in a row had a non-finite loss or gradient (the last: step "
+                f"{last}; train.max_nonfinite_steps={limit}); lower train.lr, lengthen train.warmup_steps or set "
+                f"train.grad_clip, and --resume from an earlier checkpoint")
+        if skipped and self.is_main:
             from tqdm import tqdm
 
-            tqdm.write(f"warning: step {step + 1}: non-finite {what}; step skipped (no update), "
-                       f"{self._nonfinite_steps} in a row (the run stops after {limit})", file=sys.stderr)
+            tqdm.write(f"warning: {skipped} step(s) up to step {done} had a non-finite loss or gradient and were "
+                       f"skipped (no update; the last: step {last}); the run stops after more than {limit} in a row",
+                       file=sys.stderr)
 
     def _should_stop(self) -> bool:
         return bool(self.cfg.patience) and self.best["bad_evals"] >= self.cfg.patience
