@@ -31,6 +31,17 @@ def make_gpt(out: Path, *, position: str = "learned", block_size: int = 128, see
     return out
 
 
+def make_lstm(out: Path, cell: str = "lstm", seed: int = 0) -> Path:
+    """A random 2-layer recurrent LM with the same BPE tokenizer."""
+    from lmforge.models.lstm import LSTMConfig, LSTMLM
+
+    tok = train_tokenizer(TEXT, kind="bpe", vocab_size=300)
+    torch.manual_seed(seed)
+    model = LSTMLM(LSTMConfig(vocab_size=320, d_model=32, d_hidden=48, n_layer=2, dropout=0.0, cell=cell))
+    save_checkpoint(out, model=model, config={"arch": "lstm", "model": to_dict(model.config)}, tokenizer=tok)
+    return out
+
+
 def make_bert(out: Path, seed: int = 0) -> Path:
     """A random 2-layer BERT masked LM with a small WordPiece tokenizer."""
     tok = train_tokenizer(TEXT, kind="wordpiece", vocab_size=200)

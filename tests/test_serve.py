@@ -20,7 +20,7 @@ from lmforge.serve.app import build_app, build_engines
 from lmforge.serve.config import EngineOptions, Limits
 from lmforge.serve.metrics import Metrics
 
-from serve_helpers import Server, make_bert, make_gpt, metric, post, request, wait_for
+from serve_helpers import Server, make_bert, make_gpt, make_lstm, metric, post, request, wait_for
 
 openai = pytest.importorskip("openai")
 
@@ -240,3 +240,30 @@ def test_metrics_name_what_the_issue_asks(server):
         assert name in text, name
     assert metric(server.port, "lmforge_request_errors_total", route="/v1/completions", status="404") >= 1
     assert metric(server.port, "lmforge_requests_total", route="/v1/completions", status="200") >= 1
+
+
+def test_recurrent_model_completions(tmp_path):
+    """An LSTM LM is served too (batched over its per-row state) and streams what `generate` gives."""
+    path = make_lstm(tmp_path / "lstm")
+    srv = Server(build_app(build_engines([f"lstm={path}"], options=EngineOptions(max_batch=4))))
+    try:
+        model, tok, _ = lmforge.load(path)
+        caps = json.loads(request(srv.port, "GET", "/v1/models")[2])["data"][0]["capabilities"]
+        assert caps == ["completions"]
+        results = {}
+
+        def one(seed):
+            results[seed] = post(srv.port, "/v1/completions", {"model": "lstm", "prompt": "the cat", "max_tokens": 25,
+                                                                "temperature": 1.0, "seed": seed})
+
+        threads = [threading.Thread(target=one, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for seed, (status, r) in results.items():
+            want = generate(model, [tok.encode("the cat")], max_new_tokens=25, do_sample=True, seed=seed,
+                            eos_token_id=tok.eos_id)[0]
+            assert status == 200 and r["choices"][0]["text"] == tok.decode(want)
+    finally:
+        srv.stop()

@@ -21,8 +21,13 @@ def tok():
     return train_tokenizer(TEXT, kind="bpe", vocab_size=300)
 
 
-def _model(position: str, block_size: int = 64, seed: int = 0) -> GPT:
+def _model(position: str, block_size: int = 64, seed: int = 0):
+    """A tiny GPT (position 'learned' or 'rope'), or a recurrent LM (position 'lstm' / 'gru')."""
     torch.manual_seed(seed)
+    if position in ("lstm", "gru"):
+        from lmforge.models.lstm import LSTMConfig, LSTMLM
+
+        return LSTMLM(LSTMConfig(vocab_size=320, d_model=32, d_hidden=48, n_layer=2, dropout=0.0, cell=position)).eval()
     return GPT(GPTConfig(vocab_size=320, block_size=block_size, n_layer=2, n_head=2, d_model=32,
                          position=position)).eval()
 
@@ -56,7 +61,7 @@ def _run(batch: DecodeBatch, rows: list[Row], join_every: int, per_join: int, gr
         assert step < 10_000
 
 
-@pytest.mark.parametrize("position", ["learned", "rope"])
+@pytest.mark.parametrize("position", ["learned", "rope", "lstm", "gru"])
 def test_joining_and_leaving_rows_match_generate_alone(tok, position):
     model = _model(position)
     texts = ["the quick", "hello", "a", "once upon a time there was", "the movie was good and the cat"]

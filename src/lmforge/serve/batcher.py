@@ -12,6 +12,10 @@ the last ones down, so the running rows are always rows [0, n) and a step comput
 When the shared length reaches the end of the cache, or the common padding grows large, every row is
 shifted left by the padding they all share.
 
+A recurrent model (`LSTMLM`: rnn / gru / lstm) is batched the same way with nothing to align: its cache is
+one state per row, (n_layer, rows, d_hidden), so joining copies the prefilled state into a free row and
+a step feeds one token per row without any mask.
+
 Sampling reuses `lmforge.generation`'s logit processors. Each row has its own `torch.Generator` seeded
 from the request's seed and consumed only by that row's draws, so a seeded request gives the same tokens
 whether it runs alone or in a batch (and the same as `generation.generate(..., seed=seed)` on that prompt).
@@ -20,6 +24,8 @@ Everything here runs on the engine's one model thread; nothing here knows about 
 """
 from __future__ import annotations
 
+import copy
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +134,8 @@ class DecodeBatch:
     """The running rows of one model and their shared KV cache (see the module docstring).
 
     Args:
-        model: a language model whose `new_cache` returns a `KVCache` (a GPT), in eval mode.
+        model: a language model whose `new_cache` returns a `KVCache` (GPT) or a recurrent state with
+            `state` tensors (n_layer, rows, d_hidden) (LSTMLM), in eval mode.
         tokenizer: its tokenizer (decodes the rows' text).
         max_rows: rows decoded together (the cache's batch size).
         max_len: cache positions; every row's prompt + completion must fit.
@@ -137,9 +144,12 @@ class DecodeBatch:
     def __init__(self, model: nn.Module, tokenizer: Any, max_rows: int, max_len: int):
         self.model, self.tokenizer = model, tokenizer
         self.cache = model.new_cache(max_rows, max_len)
-        if not isinstance(self.cache, KVCache):
-            raise TypeError(f"{type(model).__name__}: continuous batching needs a KVCache")
-        self.device = self.cache.k[0].device
+        self.aligned = isinstance(self.cache, KVCache)  # a KV cache's rows share positions; a state's do not
+        if not self.aligned and not hasattr(self.cache, "state"):
+            raise TypeError(f"{type(model).__name__}: continuous batching needs a KVCache or a recurrent state")
+        self.device = (self.cache.k[0] if self.aligned else self.cache.state[0]).device
+        forward = inspect.signature(model.forward).parameters
+        self._extra = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}  # only the last logits are used
         self.max_rows, self.max_len = max_rows, max_len
         self.rows: list[Row] = []
         self.lens: list[int] = []  # real tokens of each running row in the cache
@@ -170,13 +180,18 @@ class DecodeBatch:
         padded = any(len(p) < P for p in prompts)
         tmp = self.model.new_cache(len(prompts), P)
         logits = self.model(ids, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                            attention_mask=mask if padded else None, cache=tmp, logits_to_keep=1)[:, -1].float()
-        if self.length < P:  # the longest new prompt must fit left of the shared length
-            self._shift(P - self.length)
-        first, L = len(self.rows), self.length
+                            attention_mask=mask if padded else None, cache=tmp, **self._extra)[:, -1].float()
+        first, m = len(self.rows), len(rows)
         source = torch.tensor([u for u, g in enumerate(groups) for _ in g], device=self.device)
-        for big, small in zip(self.cache.k + self.cache.v, tmp.k + tmp.v):
-            big[first:first + len(rows), :, L - P:L] = small.index_select(0, source)  # (m, n_head, P, head_dim)
+        if self.aligned:
+            if self.length < P:  # the longest new prompt must fit left of the shared length
+                self._shift(P - self.length)
+            L = self.length
+            for big, small in zip(self.cache.k + self.cache.v, tmp.k + tmp.v):
+                big[first:first + m, :, L - P:L] = small.index_select(0, source)  # (m, n_head, P, head_dim)
+        else:
+            for big, small in zip(self.cache.state, tmp.state):
+                big[:, first:first + m] = small.index_select(1, source)  # (n_layer, m, d_hidden)
         for r in rows:
             self._start(r)
         self.rows += rows
@@ -194,15 +209,22 @@ class DecodeBatch:
         if n == 0:
             self.length = 0
             return []
-        common = self.length - max(self.lens)  # padding every row has on its left
-        if self.length + 1 > self.max_len or common > self.length // 2:
-            self._shift(-common)
-        L = self.length
         lens = torch.tensor(self.lens, device=self.device)
-        mask = (self._positions[:L + 1][None, :] >= (L - lens)[:, None]).long()  # (n, L + 1): 1 = real token
         tokens = torch.tensor(self.pending, device=self.device)[:, None]  # (n, 1)
-        logits = self.model(tokens, position_ids=lens[:, None], attention_mask=mask, cache=self._view(n),
-                            logits_to_keep=1)[:, -1].float()  # (n, V)
+        if self.aligned:
+            common = self.length - max(self.lens)  # padding every row has on its left
+            if self.length + 1 > self.max_len or common > self.length // 2:
+                self._shift(-common)
+            L = self.length
+            mask = (self._positions[:L + 1][None, :] >= (L - lens)[:, None]).long()  # (n, L + 1): 1 = real token
+            logits = self.model(tokens, position_ids=lens[:, None], attention_mask=mask, cache=self._view(n),
+                                **self._extra)
+        else:
+            view = self._view(n)
+            logits = self.model(tokens, position_ids=lens[:, None], cache=view, **self._extra)
+            for big, new in zip(self.cache.state, view.state):  # the model hands back a new state
+                big[:, :n] = new
+        logits = logits[:, -1].float()  # (n, V)
         self.length += 1
         self.lens = [x + 1 for x in self.lens]
         return self._sample(logits, 0)
@@ -282,8 +304,12 @@ class DecodeBatch:
         return out
 
     # ---- cache bookkeeping ------------------------------------------------------------------------------
-    def _view(self, n: int) -> KVCache:
-        """A KVCache over rows [0, n) of the shared one (views: the model's writes land in place)."""
+    def _view(self, n: int):
+        """A cache over rows [0, n) of the shared one (views: a KV cache's writes land in place)."""
+        if not self.aligned:
+            view = copy.copy(self.cache)
+            view.state = tuple(s[:, :n] for s in self.cache.state)
+            return view
         view = KVCache(0, n, 0, 0, 0, device=self.device)
         view.k = [buf[:n] for buf in self.cache.k]
         view.v = [buf[:n] for buf in self.cache.v]
@@ -310,8 +336,12 @@ class DecodeBatch:
         n_new, L = len(index), self.length
         if n_new and index != list(range(n_new)):
             src = torch.tensor(index, device=self.device)
-            for buf in self.cache.k + self.cache.v:
-                buf[:n_new, :, :L] = buf[:, :, :L].index_select(0, src)
+            if self.aligned:
+                for buf in self.cache.k + self.cache.v:
+                    buf[:n_new, :, :L] = buf[:, :, :L].index_select(0, src)
+            else:
+                for state in self.cache.state:
+                    state[:, :n_new] = state.index_select(1, src)
         self.rows = [self.rows[i] for i in index]
         self.lens = [self.lens[i] for i in index]
         self.pending = [self.pending[i] for i in index]

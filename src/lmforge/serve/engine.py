@@ -91,6 +91,8 @@ def load_model(source: str, device: str | torch.device) -> dict[str, Any]:
     caps: list[str] = []
     if arch == "gpt":
         caps = ["completions", "attention"]
+    elif arch == "lstm":
+        caps = ["completions"]
     elif arch == "bert":
         caps = ["embeddings", "attention"]
         no_mlm = "MLM head" in (config.get("interop") or {}).get("random_init", [])
@@ -98,7 +100,7 @@ def load_model(source: str, device: str | torch.device) -> dict[str, Any]:
         if not (no_mlm or simcse_only) and tokenizer.mask_id is not None:
             caps.insert(1, "fill-mask")
     if not caps:
-        raise ConfigError(f"{source}: an {arch} model has nothing to serve (completions need a Transformer KV cache)")
+        raise ConfigError(f"{source}: an {arch} model has nothing to serve")
     return {"model": model, "tokenizer": tokenizer, "config": config, "predictor": None, "capabilities": caps,
             "kind": f"{arch} model"}
 
