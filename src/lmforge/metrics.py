@@ -229,3 +229,63 @@ def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str], pat
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+# ---- generation ------------------------------------------------------------------------------------
+class CorpusBLEU:
+    """Corpus BLEU exactly as `sacrebleu.corpus_bleu` computes it, streamed: each update adds sacrebleu's
+    own per-sentence statistics (hypothesis and reference lengths, n-gram matches and totals) to running
+    sums, and `compute` turns the sums into the score, so memory does not grow with the corpus.
+
+    Args:
+        tokenize: sacrebleu's tokenizer ('13a' default, 'intl', 'zh', 'char', 'none', ...).
+        lowercase: case-insensitive BLEU.
+
+    `compute()` -> `bleu` (0-100), the n-gram `precisions`, `brevity_penalty`, `sys_len`, `ref_len`,
+    `sentences` and `signature` (sacrebleu's reproducibility signature, to print with the score).
+    """
+
+    def __init__(self, tokenize: str = "13a", lowercase: bool = False):
+        from sacrebleu.metrics import BLEU
+
+        self.tokenize, self.lowercase = tokenize, lowercase
+        self._bleu = BLEU(tokenize=tokenize, lowercase=lowercase)
+        self.stats = np.zeros(2 + 2 * self._bleu.max_ngram_order, dtype=np.int64)
+        self.sentences = 0
+
+    def describe(self) -> str:
+        return f"corpus BLEU by sacrebleu {self.signature()}"
+
+    def signature(self) -> str:
+        from sacrebleu.metrics import BLEU
+
+        ref = BLEU(tokenize=self.tokenize, lowercase=self.lowercase)
+        ref._cache_references([["x"]])  # one reference per sentence: sets the signature's nrefs
+        return str(ref.get_signature())
+
+    def update(self, hypotheses: Sequence[str], references: Sequence[str]) -> None:
+        if len(hypotheses) != len(references):
+            raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+        if not hypotheses:
+            return
+        rows = self._bleu._extract_corpus_statistics(list(hypotheses), [list(references)])
+        self.stats += np.asarray(rows, dtype=np.int64).sum(0)
+        self.sentences += len(hypotheses)
+
+    def merge(self, other: CorpusBLEU) -> CorpusBLEU:
+        self.stats += other.stats
+        self.sentences += other.sentences
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": self.stats.tolist(), "sentences": self.sentences}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats = np.asarray(state["stats"], dtype=np.int64)
+        self.sentences = int(state["sentences"])
+
+    def compute(self) -> dict[str, Any]:
+        score = self._bleu._compute_score_from_stats(self.stats.tolist())
+        return {"bleu": float(score.score), "precisions": [float(p) for p in score.precisions],
+                "brevity_penalty": float(score.bp), "sys_len": int(score.sys_len), "ref_len": int(score.ref_len),
+                "sentences": self.sentences, "signature": self.signature()}

@@ -532,3 +532,306 @@ class LabelSet:
                                         f"(known: {self._known()})")
             elif ex.label is not None and ex.label not in self._index:
                 raise DataError(f"{ex.where}: label {ex.label!r} never seen in training (known: {self._known()})")
+
+
+# ---- extractive QA: SQuAD and CMRC 2018 json ---------------------------------------------------------
+@dataclass
+class QAExample:
+    """One question over one context. `answers` are the reference texts as the file gives them (a
+    non-string reference is read with `str()`); `spans[i]` is the (start, end) characters of answer i in
+    the context, or None when it cannot be located there. `where` names the file and the question."""
+
+    id: str
+    question: str
+    context: str
+    answers: list[str]
+    spans: list[tuple[int, int] | None]
+    where: str
+
+    @property
+    def located(self) -> tuple[int, int] | None:
+        """The span training uses: the first reference that was located."""
+        return next((s for s in self.spans if s is not None), None)
+
+
+class QAFile(list):
+    """The questions of one QA file (a list of `QAExample`) plus what reading found: `format` ('squad' or
+    'cmrc2018'), `non_string` (references that were numbers, read with str()), `unlocated` (references
+    not found in their context), `relocated` (SQuAD answers whose answer_start did not point at the text,
+    found at another occurrence) and `questions_unlocated` (questions with no located reference)."""
+
+    def __init__(self, examples: Iterable[QAExample], format: str, non_string: int = 0, relocated: int = 0):
+        super().__init__(examples)
+        self.format = format
+        self.non_string = non_string
+        self.relocated = relocated
+        self.unlocated = sum(s is None for ex in self for s in ex.spans)
+        self.questions_unlocated = sum(1 for ex in self if ex.answers and ex.located is None)
+
+    def counts(self) -> dict[str, int]:
+        return {"questions": len(self), "references": sum(len(ex.answers) for ex in self),
+                "references_unlocated": self.unlocated, "questions_unlocated": self.questions_unlocated,
+                "references_non_string": self.non_string, "references_relocated": self.relocated}
+
+
+def _locate(context: str, text: str, start: int | None) -> tuple[tuple[int, int] | None, bool]:
+    """(span of `text` in `context` or None, whether it was found away from the given `start`). With a
+    start (SQuAD) the occurrence nearest to it; without (CMRC 2018) the first. Surrounding whitespace of
+    the answer is not part of the span."""
+    text = text.strip()
+    if not text:
+        return None, False
+    if start is not None and context[start : start + len(text)] == text:
+        return (start, start + len(text)), False
+    hits, i = [], context.find(text)
+    while i >= 0:
+        hits.append(i)
+        i = context.find(text, i + 1)
+    if not hits:
+        return None, False
+    best = hits[0] if start is None else min(hits, key=lambda h: abs(h - start))
+    return (best, best + len(text)), start is not None
+
+
+def _qa_text(path, where: str, obj: dict, *keys: str) -> str:
+    for key in keys:
+        if key in obj:
+            value = obj[key]
+            if not isinstance(value, str):
+                raise DataError(f"{path}: {where}: '{key}' is a {type(value).__name__}, expected a string")
+            if not value.strip():
+                raise DataError(f"{path}: {where}: empty '{key}'")
+            return value
+    raise DataError(f"{path}: {where}: no {' or '.join(repr(k) for k in keys)} (keys: {', '.join(map(repr, obj))})")
+
+
+def _qa_answers(path, where: str, raw, labelled: bool) -> list[tuple[str, int | None, bool]]:
+    """(text, answer_start or None, was a non-string) of each reference: a list of strings (CMRC 2018),
+    a list of {"text", "answer_start"} (SQuAD) or {"text": [...], "answer_start": [...]} (datasets)."""
+    if isinstance(raw, dict) and "text" in raw:
+        texts, starts = raw.get("text"), raw.get("answer_start")
+        if not isinstance(texts, list) or (starts is not None and (not isinstance(starts, list) or len(starts) != len(texts))):
+            raise DataError(f"{path}: {where}: 'answers' must hold lists 'text' and 'answer_start' of equal length")
+        raw = [{"text": t, "answer_start": s} for t, s in zip(texts, starts or [None] * len(texts))]
+    if not isinstance(raw, list):
+        raise DataError(f"{path}: {where}: 'answers' must be a list, got {type(raw).__name__}")
+    out = []
+    for k, item in enumerate(raw):
+        start = None
+        if isinstance(item, dict):
+            if "text" not in item:
+                raise DataError(f"{path}: {where}: answers[{k}] has no 'text'")
+            start = item.get("answer_start")
+            if start is not None and (not isinstance(start, int) or isinstance(start, bool) or start < 0):
+                raise DataError(f"{path}: {where}: answers[{k}].answer_start must be a non-negative integer, got {start!r}")
+            item = item["text"]
+        non_string = not isinstance(item, str)
+        if non_string and not isinstance(item, (int, float)) or isinstance(item, bool):
+            raise DataError(f"{path}: {where}: answers[{k}] is a {type(item).__name__}, expected a string")
+        text = str(item)
+        if not text.strip():
+            raise DataError(f"{path}: {where}: answers[{k}] is empty")
+        out.append((text, start, non_string))
+    if labelled and not out:
+        raise DataError(f"{path}: {where}: no reference answers (unanswerable questions, as in SQuAD 2.0, "
+                        "are not supported)")
+    return out
+
+
+def read_qa(path: str | Path, labelled: bool = True) -> QAFile:
+    """Read an extractive QA file into `QAExample`s (one per question).
+
+    Formats, told apart by their content:
+        squad     {"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question",
+                  "answers": [{"text", "answer_start"}]}]}]}]} (SQuAD v1.1; CMRC 2018's SQuAD-style files);
+        cmrc2018  [{"context_id", "context_text", "qas": [{"query_id", "query_text", "answers": [str]}]}]
+                  (CMRC 2018's own release: answers are strings without offsets, located with find);
+        jsonl     one {"id", "question", "context", "answers"} per line (answers as above, or the
+                  datasets layout {"text": [...], "answer_start": [...]}); .gz allowed for all.
+
+    Each reference is located in its context (SQuAD: at answer_start, else the nearest occurrence;
+    CMRC 2018: the first occurrence); one that cannot be located keeps span None and is counted in the
+    file's `counts()`, never dropped: scoring uses every reference's text.
+
+    Args:
+        path: the file.
+        labelled: False reads questions without answers (prediction input).
+    Raises: DataError (missing/undecodable file, bad JSON, a missing or empty question/context/answer,
+        a labelled question without answers, is_impossible questions, an empty file).
+    """
+    lines = _read_lines(path)
+    if _stem_suffix(path) == "jsonl":
+        items = [(f"line {line}", row) for line, row in _json_rows(path, lines)]
+        fmt = "jsonl"
+    else:
+        try:
+            doc = json.loads("\n".join(lines))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        items, fmt = _qa_items(path, doc)
+    out, non_string, relocated = [], 0, 0
+    seen: set[str] = set()
+    for where, q in items:
+        if not isinstance(q, dict):
+            raise DataError(f"{path}: {where}: expected a JSON object, got {type(q).__name__}")
+        context = q["__context"] if "__context" in q else _qa_text(path, where, q, "context")
+        question = _qa_text(path, where, q, "question", "query_text")
+        qid = str(q.get("id", q.get("query_id", where)))
+        if qid in seen:
+            raise DataError(f"{path}: {where}: question id {qid!r} occurs twice")
+        seen.add(qid)
+        if q.get("is_impossible"):
+            raise DataError(f"{path}: {where}: an unanswerable question (is_impossible); SQuAD 2.0 is not supported")
+        raw = q.get("answers", [])
+        answers = _qa_answers(path, where, raw, labelled) if (labelled or raw) else []
+        texts, spans = [], []
+        for text, start, odd in answers:
+            span, moved = _locate(context, text, start)
+            texts.append(text)
+            spans.append(span)
+            non_string += odd
+            relocated += moved
+        out.append(QAExample(qid, question, context, texts, spans, f"{path}: question {qid}"))
+    if not out:
+        raise DataError(f"{path}: no questions (empty split)")
+    return QAFile(out, "cmrc2018" if fmt == "cmrc2018" else "squad", non_string, relocated)
+
+
+def _qa_items(path, doc) -> tuple[list[tuple[str, dict]], str]:
+    """(where, question object with its context under '__context') of every question in a json file."""
+    items = []
+    if isinstance(doc, dict) and "data" in doc:
+        doc = doc["data"]
+        if not isinstance(doc, list):
+            raise DataError(f"{path}: 'data' must be a list of articles")
+    if not isinstance(doc, list):
+        raise DataError(f"{path}: expected SQuAD json ({{\"data\": [...]}}) or a CMRC 2018 list of passages")
+    cmrc = bool(doc) and isinstance(doc[0], dict) and "context_text" in doc[0]
+    for i, art in enumerate(doc):
+        if not isinstance(art, dict):
+            raise DataError(f"{path}: data[{i}]: expected a JSON object, got {type(art).__name__}")
+        if cmrc:
+            paragraphs = [(f"[{i}]", art, "context_text")]
+        else:
+            if "paragraphs" not in art:
+                raise DataError(f"{path}: data[{i}]: no 'paragraphs' (neither SQuAD nor CMRC 2018 layout)")
+            paragraphs = [(f"data[{i}].paragraphs[{j}]", p, "context") for j, p in enumerate(art["paragraphs"])]
+        for where, para, key in paragraphs:
+            if not isinstance(para, dict):
+                raise DataError(f"{path}: {where}: expected a JSON object")
+            context = _qa_text(path, where, para, key)
+            qas = para.get("qas")
+            if not isinstance(qas, list):
+                raise DataError(f"{path}: {where}: no 'qas' list")
+            for k, q in enumerate(qas):
+                w = f"{where}.qas[{k}]"
+                if isinstance(q, dict):
+                    q = {**q, "__context": context}
+                items.append((w, q))
+    return items, "cmrc2018" if cmrc else "squad"
+
+
+# ---- prompt / response pairs (generation fine-tuning) ------------------------------------------------
+@dataclass
+class Pair:
+    """One prompt and its response (None when unlabelled). `where` is "FILE:LINE"."""
+
+    prompt: str
+    response: str | None
+    where: str
+
+
+_TABLES = ("tsv", "csv", "txt", "jsonl", "json")
+
+
+def _pair_files(path: Path, source, target) -> tuple[Path, Path | None] | None:
+    """(source file, target file) of a line-aligned pair PREFIX.SRC[.gz] / PREFIX.TGT[.gz], or None."""
+    def find(suffix):
+        for cand in (Path(f"{path}.{suffix}"), Path(f"{path}.{suffix}.gz")):
+            if cand.is_file():
+                return cand
+        return None
+
+    if source is None or isinstance(source, int):
+        return None
+    src = find(source)
+    if src is None:
+        return None
+    return src, (find(target) if target is not None and not isinstance(target, int) else None)
+
+
+def _plain_lines(path) -> list[tuple[int, str]]:
+    lines = _read_lines(path)
+    while lines and not lines[-1].strip():
+        lines.pop()  # the file's final newline (and trailing blank lines)
+    return [(i + 1, ln) for i, ln in enumerate(lines)]
+
+
+def read_pairs(path: str | Path, *, source: Column = None, target: Column = None, header: bool | None = None,
+               labelled: bool = True) -> list[Pair]:
+    """Read prompt/response pairs for generation fine-tuning.
+
+    Layouts:
+        table       .tsv / .txt / .csv (columns by 0-based index or header name; default 0 and 1) or
+                    .jsonl (keys; default "prompt" and "response"); .gz allowed.
+        two files   PATH.SOURCE[.gz] and PATH.TARGET[.gz], line-aligned (`source`/`target` are the
+                    suffixes, e.g. PATH=multi30k/train, source=en, target=de): line i of one pairs with
+                    line i of the other.
+        plain text  unlabelled only: any other file is one prompt per line.
+
+    Args:
+        path: the file, or the common prefix of two line-aligned files.
+        source, target: the prompt and response columns/keys, or the two files' suffixes.
+        header: tables: whether the first row names the columns (None: detect).
+        labelled: False reads prompts only (prediction input; a response column, if any, is ignored).
+    Raises: DataError (missing file, an empty prompt or response naming FILE:LINE, two files with
+        different line counts, a labelled plain-text file, an empty split).
+    """
+    p = Path(path)
+    if not p.is_file():
+        files = _pair_files(p, source, target)
+        if files is None:
+            extra = f" (nor {p}.{source}[.gz])" if isinstance(source, str) else ""
+            raise DataError(f"{path}: file not found{extra}")
+        src, tgt = files
+        if labelled and tgt is None:
+            raise DataError(f"{path}.{target}[.gz]: file not found (the responses, line-aligned with {src})")
+        prompts = _plain_lines(src)
+        if not labelled:
+            out = [Pair(text, None, f"{src}:{n}") for n, text in prompts]
+        else:
+            responses = _plain_lines(tgt)
+            if len(prompts) != len(responses):
+                raise DataError(f"{src} has {len(prompts)} lines but {tgt} has {len(responses)}: line-aligned "
+                                "files must have the same number of lines")
+            out = [Pair(a, b, f"{src}:{n}") for (n, a), (_, b) in zip(prompts, responses)]
+            for (n, a), (_, b) in zip(prompts, responses):
+                if not b.strip():
+                    raise DataError(f"{tgt}:{n}: empty response")
+        for pair in out:
+            if not pair.prompt.strip():
+                raise DataError(f"{pair.where}: empty prompt")
+        if not out:
+            raise DataError(f"{src}: no examples (empty split)")
+        return [Pair(x.prompt.strip(), x.response.strip() if x.response is not None else None, x.where) for x in out]
+    kind = _stem_suffix(p)
+    if kind not in _TABLES:
+        if labelled:
+            raise DataError(f"{path}: a plain text file holds prompts only; give a .tsv/.csv/.jsonl of pairs, "
+                            "or two line-aligned files PREFIX.SRC / PREFIX.TGT with data.source/data.target")
+        out = [Pair(text.strip(), None, f"{path}:{n}") for n, text in _plain_lines(p)]
+        for pair in out:
+            if not pair.prompt:
+                raise DataError(f"{pair.where}: empty prompt")
+        if not out:
+            raise DataError(f"{path}: no examples (empty split)")
+        return out
+    json_rows = kind in ("jsonl", "json")
+    src = source if source is not None else ("prompt" if json_rows else 0)
+    tgt = target if target is not None else ("response" if json_rows else 1)
+    try:
+        rows = read_table(p, text=src, text_pair=tgt if labelled else None, label=None, header=header)
+    except DataError as e:  # say prompt/response, not the classification reader's text/label
+        raise DataError(str(e).replace("empty text in column " + repr(_as_column(tgt)), "empty response in column "
+                                       + repr(_as_column(tgt))).replace("empty text", "empty prompt")) from None
+    return [Pair(r.text, r.text_pair, r.where) for r in rows]

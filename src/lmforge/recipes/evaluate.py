@@ -29,6 +29,7 @@ def evaluate(
     data: str,
     out: Optional[str] = None,
     read: Optional[dict[str, Any]] = None,
+    task_args: Optional[dict[str, Any]] = None,
     batch_size: int = 64,
     stride: Optional[int] = None,
     device: str = "auto",
@@ -42,7 +43,9 @@ def evaluate(
         data: the labelled file (same format as the task's training data), or a text file (perplexity).
         out: report folder (default: reports/MODEL-DATA); holds report.json, report.md and plots.
         read: overrides of how the file is read, else the model's own settings (`--read.text 0
-            --read.header false --read.label 3`).
+            --read.header false --read.label 3`; two line-aligned files: `--read.source en --read.target de`).
+        task_args: decoding options to change for this evaluation (qa: `--task_args.max_answer_length 50`;
+            seq2seq: `--task_args.num_beams 4`); default: the model's own.
         batch_size: examples (or windows) per forward pass.
         stride: perplexity: tokens between window starts (default: half the context); each token is
             scored once, with at least context - stride tokens of left context.
@@ -54,7 +57,7 @@ def evaluate(
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    if not Path(data).is_file():
+    if not Path(data).is_file() and not _pair_prefix(data):
         raise DataError(f"{data}: file not found")
     out_dir = check_output(out or _default_out(model, data), overwrite=overwrite, kind="dir",
                            replaceable=("report.json",))
@@ -69,8 +72,10 @@ def evaluate(
         ckpt = task_checkpoint(model)
         is_task = bool(load_yaml(ckpt / "config.yaml").get("task"))
     if is_task:
-        report = _evaluate_task(model, data, read, batch_size, dev)
+        report = _evaluate_task(model, data, read, batch_size, dev, task_args)
     else:
+        if task_args:
+            raise ConfigError("task_args applies to fine-tuned task models only")
         report = _perplexity(model, data, batch_size, stride, dev)
     report.update(model=str(model), data=str(Path(data)), date=time.strftime("%Y-%m-%d %H:%M:%S"),
                   version=_version(), device=str(dev))
@@ -86,13 +91,36 @@ def _version() -> str:
     return __version__
 
 
-def _evaluate_task(model: str, data: str, read: Optional[dict], batch_size: int, device) -> dict[str, Any]:
+def _pair_prefix(data: str) -> bool:
+    """Whether DATA is the prefix of line-aligned files DATA.SRC / DATA.TGT (seq2seq)."""
+    p = Path(data)
+    return p.parent.is_dir() and any(f.is_file() for f in p.parent.glob(p.name + ".*"))
+
+
+def set_task_args(pred, task_args: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Change a fine-tuned model's decoding options (those of a head that keeps `options`: qa, seq2seq)."""
+    saved = dict(pred.config["task"].get("options") or {})
+    if not task_args:
+        return saved
+    head = pred.model.head
+    if not hasattr(head, "options"):
+        raise ConfigError(f"task_args: the {pred.task} task's options are fixed when it is fine-tuned")
+    options = pred.record.options({**saved, **task_args})
+    head.options = options
+    from lmforge.config import to_dict
+
+    return to_dict(options)
+
+
+def _evaluate_task(model: str, data: str, read: Optional[dict], batch_size: int, device,
+                   task_args: Optional[dict] = None) -> dict[str, Any]:
     from lmforge.data.task_batches import eval_batches
     from lmforge.tasks.base import FeatureStats, Predictor, TaskData
     from lmforge.train.trainer import to_device
 
     pred = Predictor.load(model, device)
     record, labels = pred.record, pred.labels
+    options = set_task_args(pred, task_args)
     settings = {**{k: getattr(pred.data, k) for k in TaskData.__dataclass_fields__}, **(read or {})}
     unknown = set(read or {}) - set(TaskData.__dataclass_fields__)
     if unknown:
@@ -113,6 +141,8 @@ def _evaluate_task(model: str, data: str, read: Optional[dict], batch_size: int,
             stats.examples += s.examples
             stats.truncated += s.truncated
             stats.words_dropped += s.words_dropped
+            for k, v in s.extra.items():  # counts (qa: windows, unlocated answers); maxima stay maxima
+                stats.extra[k] = max(stats.extra.get(k, 0), v) if k.endswith("_max") else stats.extra.get(k, 0) + v
             preds: list = [None] * len(feats)
             for idx, batch in eval_batches(feats, collate, batch_size):
                 out, loss = record.decode(pred.model, to_device(batch, device))
@@ -122,12 +152,13 @@ def _evaluate_task(model: str, data: str, read: Optional[dict], batch_size: int,
                     preds[i] = p
             record.update(metric, preds, chunk, labels)
     values = metric.compute()
+    note = _metric_note(record.name) if record.name in ("classify", "pair", "tag") else metric.describe()
     if n:
         values["loss"] = loss_sum / n
     return {"kind": "task", "task": record.name, "checkpoint": str(pred.checkpoint), "labels": labels,
             "metrics": values, "stats": stats.as_dict(),
             "settings": {"read": {k: v for k, v in settings.items() if k not in ("train", "dev", "test")},
-                         "metric": _metric_note(record.name), "batch_size": batch_size}}
+                         "task_args": options, "metric": note, "batch_size": batch_size}}
 
 
 def _metric_note(task: str) -> str:
@@ -199,8 +230,13 @@ def _headline(report: dict[str, Any]) -> str:
     m = report["metrics"]
     if report["kind"] == "lm":
         return f"perplexity {m['ppl']:.3f} (loss {m['loss']:.4f} nats/token over {m['tokens']:,} tokens)"
-    keys = ("accuracy", "f1", "macro_f1", "precision", "recall")
-    return "  ".join(f"{k} {m[k]:.4f}" for k in keys if isinstance(m.get(k), (int, float)))
+    keys = ("accuracy", "exact_match", "f1", "macro_f1", "precision", "recall", "bleu", "ref_ppl")
+    line = "  ".join(f"{k} {m[k]:.4f}" for k in keys if isinstance(m.get(k), (int, float)))
+    if report.get("task") == "qa":
+        line += f"  (rule {m.get('rule')}, {m.get('questions')} questions)"
+    if m.get("signature"):
+        line += f"  (sacrebleu {m['signature']})"
+    return line
 
 
 def _write(report: dict[str, Any], out_dir: Path) -> None:
@@ -232,8 +268,14 @@ def report_markdown(report: dict[str, Any]) -> str:
                   f"- metric: {report['settings']['metric']}",
                   f"- reading: " + ", ".join(f"{k}={v}" for k, v in report["settings"]["read"].items()),
                   f"- examples: {report['stats']['examples']:,} ({report['stats']['truncated']} truncated"
-                  + (f", {report['stats']['words_dropped']} words past max_length" if report["task"] == "tag" else "") + ")",
-                  "", "| metric | value |", "|---|---|"]
+                  + (f", {report['stats']['words_dropped']} words past max_length" if report["task"] == "tag" else "") + ")"]
+        extra = {k: v for k, v in report["stats"].items() if k not in ("examples", "truncated", "words_dropped")}
+        if extra:
+            lines.append("- features: " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+        if report["settings"].get("task_args"):
+            lines.append("- task options: " + ", ".join(f"{k}={v}" for k, v in report["settings"]["task_args"].items()))
+        lines += [f"- {k}: `{m[k]}`" for k in ("rule", "signature") if isinstance(m.get(k), str)]
+        lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in m.items() if isinstance(v, (int, float))]
         table = m.get("per_class") or m.get("per_type") or {}
         if table:

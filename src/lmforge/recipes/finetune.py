@@ -76,7 +76,7 @@ def finetune(
     """Fine-tune a model for a task: classify (one text), pair (two texts) or tag (tokens, linear or CRF).
 
     Args:
-        task: classify, pair or tag.
+        task: classify, pair, tag, qa (extractive QA) or seq2seq (generation on a GPT).
         data: the splits and how to read them (`--data.train F --data.dev F --data.text sentence ...`).
         task_args: the task head's options (`--task_args.crf true`, `--task_args.pooling mean`).
         init_from: the base: an lmforge run or checkpoint, a transformers directory, or `minilm-l6`.
@@ -130,20 +130,28 @@ def finetune(
             record.check_labels(ex, labels, path)
     if getattr(options, "words", None) == "auto":
         options = replace(options, words=record.word_mode(train_ex))
+    if hasattr(record, "resolve_options"):  # e.g. qa: scoring 'auto' -> squad / cmrc2018 from the contexts
+        options = record.resolve_options(options, train_ex)
 
     # -- model --------------------------------------------------------------------------------------
     backbone, tok, arch, model_values, started_from = _base(init_from, arch, model, tokenizer, random_init, train_cfg.seed)
     context = getattr(backbone.config, "context_length", None)
     if data.max_length is None:
-        data = replace(data, max_length=min(context or 128, 128))
+        default_length = getattr(record, "default_max_length", 128)
+        data = replace(data, max_length=min(context or default_length, default_length))
     elif context is not None and data.max_length > context:
         raise ConfigError(f"data.max_length={data.max_length} exceeds the model's context length ({context})")
     if not hasattr(backbone, "encode"):
         raise ConfigError(f"arch {arch} cannot be fine-tuned (no encode())")
+    if hasattr(record, "check_model"):  # e.g. seq2seq generates: it needs a causal LM
+        record.check_model(arch, backbone)
     if hasattr(backbone, "use_heads"):
-        backbone.use_heads()  # pretraining heads stay in the checkpoint, frozen: the task head replaces them
+        # pretraining heads stay in the checkpoint, frozen: the task head replaces them (seq2seq trains the LM head)
+        backbone.use_heads(*getattr(record, "backbone_heads", ()))
     torch.manual_seed(train_cfg.seed)
     net = TaskModel(backbone, record.head(hidden_size(backbone), len(labels), options, labels))
+    if hasattr(record, "bind"):
+        record.bind(net, tok)
 
     features, stats = record.featurize(train_ex, tok, labels, data)
     dev_feats, dev_stats = record.featurize(dev_ex, tok, labels, data) if dev_ex else (None, None)
@@ -184,6 +192,8 @@ def finetune(
               f"{len(labels)} labels; {'dev ' + str(len(dev_ex)) + ' examples; ' if dev_ex else ''}"
               f"from {started_from}; {train_cfg.max_steps} steps of {train_cfg.batch_size * train_cfg.grad_accum}; "
               f"device {device}; run dir {run_dir}", flush=True)
+        if stats.extra:  # what featurizing counted (qa: windows, unlocated answers, ...)
+            print("  training features: " + ", ".join(f"{k} {v}" for k, v in stats.extra.items()), flush=True)
     trainer = Trainer(net, record, batcher, train_cfg, run_dir, run_config=run_config, tokenizer=tok,
                       evaluator=evaluator if dev_ex is not None else None)
     start = time.perf_counter()

@@ -5,6 +5,8 @@ decode predictions and which metric scores them.
     classify  sentence classification            (tsv/csv/jsonl: text, label)
     pair      sentence-pair classification       (tsv/csv/jsonl: text, text_pair, label)
     tag       token classification, linear/CRF   (CoNLL BIO/IOB1/BIOES, Chinese BMES)
+    qa        extractive question answering      (SQuAD json, CMRC 2018 json; EM/F1 by the official rules)
+    seq2seq   generation fine-tuning of a GPT    (prompt/response tsv/jsonl or two line-aligned files; BLEU)
 
 `load_task_model(path)` reads a fine-tuned run or checkpoint for prediction and serving.
 """
@@ -20,6 +22,8 @@ TASKS: dict[str, str] = {
     "classify": "lmforge.tasks.classify:CLASSIFY",
     "pair": "lmforge.tasks.classify:PAIR",
     "tag": "lmforge.tasks.tag:TAG",
+    "qa": "lmforge.tasks.qa:QA",
+    "seq2seq": "lmforge.tasks.seq2seq:SEQ2SEQ",
 }
 
 

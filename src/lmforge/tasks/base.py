@@ -15,6 +15,15 @@ A task record (`classify.CLASSIFY`, `tag.TAG`, ...) provides:
     metric(labels)                 -> a streaming metric (lmforge.metrics)
     update(metric, predictions, examples, labels)
     output(prediction, example, labels) -> a JSON-able dict (predict, serve)
+
+and optionally:
+
+    default_max_length             data.max_length when not given (default 128; capped by the model)
+    backbone_heads                 pretraining heads the task trains (seq2seq: ('lm',))
+    resolve_options(options, train_examples)  fill 'auto' options from the training split
+    gather(predictions, examples)  per-feature predictions -> per-example ones (qa: windows -> answer)
+    bind(model, tokenizer)         give the head what it needs from the tokenizer (seq2seq)
+    check_model(arch, backbone)    refuse a backbone the task cannot use (seq2seq: needs a causal LM)
 """
 from __future__ import annotations
 
@@ -46,7 +55,16 @@ class TaskData:
         tag_col: tag task: column of the tag.
         scheme: tag task: tagging scheme of the files (auto, IOB1, IOB2, BIOES, BMES); tags are converted to IOB2.
         max_length: tokens per example including special tokens; longer inputs are truncated (and counted)
-            (default: the model's context length, at most 128).
+            (default: the model's context length, at most 128; qa: at most 384).
+        doc_stride: qa task: tokens between the starts of a long context's windows (default: half a
+            window); longer than a window would skip text and is an error.
+        max_query_length: qa task: questions are cut to this many tokens.
+        source: seq2seq task: the prompt column/key of a table (default 0, or "prompt" in jsonl), or the
+            suffix of the prompt file of two line-aligned files PATH.SOURCE / PATH.TARGET (e.g. en).
+        target: seq2seq task: the response column/key (default 1, or "response"), or the suffix of the
+            response file (e.g. de).
+        separator: seq2seq task: text put between prompt and response ('auto': the tokenizer's [SEP],
+            else its end-of-text token).
     """
 
     train: str = ""
@@ -60,11 +78,20 @@ class TaskData:
     tag_col: int = -1
     scheme: str = "auto"
     max_length: Optional[int] = None
+    doc_stride: Optional[int] = None
+    max_query_length: int = 64
+    source: Optional[Column] = None
+    target: Optional[Column] = None
+    separator: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 3:
             raise ConfigError(f"data.max_length must be at least 3 (room for special tokens), got {self.max_length}")
-        for name in ("text", "text_pair", "label"):
+        if self.doc_stride is not None and self.doc_stride < 1:
+            raise ConfigError(f"data.doc_stride must be at least 1 token, got {self.doc_stride}")
+        if self.max_query_length < 1:
+            raise ConfigError(f"data.max_query_length must be at least 1 token, got {self.max_query_length}")
+        for name in ("text", "text_pair", "label", "source", "target"):
             value = getattr(self, name)
             if isinstance(value, str) and value.strip().lstrip("-").isdigit():
                 setattr(self, name, int(value))
@@ -185,6 +212,8 @@ class Predictor:
             out, _ = self.record.decode(self.model, to_device(batch, self.device))
             for i, p in zip(idx, out):
                 preds[i] = p
+        if hasattr(self.record, "gather"):  # several features per example (qa: context windows)
+            preds = self.record.gather(preds, examples)
         return [self.record.output(p, ex, self.labels) for p, ex in zip(preds, examples)]
 
 
@@ -220,4 +249,6 @@ def load_task_checkpoint(ckpt: Path, device: str | torch.device = "cpu") -> tupl
     model = TaskModel(backbone, head)
     load_model_state(model, ckpt)
     tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+    if hasattr(record, "bind"):  # a head that needs the tokenizer (seq2seq: end token, decoding text)
+        record.bind(model, tokenizer)
     return model.to(device).eval(), tokenizer, config
