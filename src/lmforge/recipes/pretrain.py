@@ -1,7 +1,7 @@
 """`lmforge pretrain`: prepared token shards -> a trained base model in `runs/<name>/`.
 
 Reads top to bottom: resolve the config, open the data, build the model and the objective, train,
-report. The objective (clm, mlm, mlm+nsp, simcse) is looked up by name; the trainer is the same.
+report. The objective (clm, mlm, mlm+nsp, simcse, rtd) is looked up by name; the trainer is the same.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ OBJECTIVES: dict[str, str] = {
     "mlm": "lmforge.train.mlm:build_mlm",
     "mlm+nsp": "lmforge.train.mlm:build_mlm_nsp",
     "simcse": "lmforge.train.simcse:build",
+    "rtd": "lmforge.train.rtd:build",
 }
 
 
@@ -157,7 +158,7 @@ def pretrain(
         arch: model architecture: gpt, bert, lstm (recurrent: --model.cell rnn|gru|lstm) or ngram
             (Kneser-Ney n-gram, --model.order N: counted, not trained; see lmforge.recipes.ladder).
         model: the architecture's config fields (`--model.n_layer 4 --model.d_model 128 ...`).
-        objective: clm (causal LM), mlm, mlm+nsp or simcse.
+        objective: clm (causal LM), mlm, mlm+nsp, simcse or rtd (masked LM + replaced-token detection).
         objective_args: the objective's options (`--objective_args.whole_word true`).
         train: the training loop's config (`--train.lr 3e-4 --train.max_steps 2000 ...`).
         name: run name; outputs go to RUNS_DIR/NAME (default: ARCH-OBJECTIVE-TIMESTAMP).
