@@ -20,7 +20,7 @@ completion has exactly that length), temperature 1, streamed (server-sent events
   rate R          requests arrive as a Poisson process of R per second, however many are in flight
 Per level: TTFT (send to the first streamed text) p50/p99, TPOT ((latency - TTFT) / (tokens - 1)) p50/p99,
 output tokens/s (tokens of completed requests over the level's wall time), completed requests and errors.
-Bounded: --num-prompts per level (default: 2 x C, at least 8; --rate-prompts for rates) and
+Bounded: --num-prompts per level (default: --rounds (2) x C, at least 8; --rate-prompts for rates) and
 --level-seconds (no request starts after it; requests still running at twice it are cut off, their
 clients hang up, and they count as "cut off", not as completed or errors); loopback only. Every server
 runs torch on --threads threads (default 1: the machine these figures come from is shared).
@@ -325,7 +325,8 @@ def main() -> None:
     ap.add_argument("--rates", default="1,4", help="Poisson request rates per second ('' for none)")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--num-prompts", type=int, default=0, help="per concurrency level (default 2 x C, at least 8)")
+    ap.add_argument("--num-prompts", type=int, default=0, help="per concurrency level (default: --rounds x C, at least 8)")
+    ap.add_argument("--rounds", type=int, default=2, help="prompts per client at a concurrency level (see --num-prompts)")
     ap.add_argument("--rate-prompts", type=int, default=24, help="per rate level")
     ap.add_argument("--level-seconds", type=float, default=120.0,
                     help="no request starts later than this in a level; what runs at twice this is cut off")
@@ -352,7 +353,7 @@ def main() -> None:
         try:
             asyncio.run(stream_completion(server.port, body(prompts(1, args.input_len, vocab, 999)[0], 8)))  # warm-up
             for kind, value in levels:
-                n = (args.num_prompts or max(8, 2 * int(value))) if kind == "c" else args.rate_prompts
+                n = (args.num_prompts or max(8, args.rounds * int(value))) if kind == "c" else args.rate_prompts
                 batch = prompts(n, args.input_len, vocab, args.seed)
                 if kind == "c":
                     results, wall = asyncio.run(run_concurrency(server.port, batch, args.output_len, int(value),

@@ -379,3 +379,29 @@ def _healthy(port: int) -> bool:
         return request(port, "GET", "/healthz", timeout=5)[0] == 200
     except OSError:
         return False
+
+
+def test_a_failing_model_call_fails_its_requests_only(paths):
+    """If the model raises mid-batch (a bug, out of memory), the rows in that batch get a 500 saying so; the
+    engine starts an empty batch and keeps serving."""
+    srv = _server(paths, names=("gpt",))
+    engine = srv.engine("gpt")
+    step = engine.batch.step
+    calls = {"n": 0}
+
+    def failing_step(drop=()):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated out of memory")
+        return step(drop)
+
+    engine.batch.step = failing_step
+    try:
+        status, r = post(srv.port, C, {"model": "gpt", "prompt": "a", "max_tokens": 20, "ignore_eos": True})
+        assert status == 500 and "model 'gpt' failed on this request (RuntimeError)" in r["error"]["message"]
+        status, r = post(srv.port, C, {"model": "gpt", "prompt": "a", "max_tokens": 20, "ignore_eos": True})
+        assert status == 200 and r["usage"]["completion_tokens"] == 20
+        assert request(srv.port, "GET", "/healthz")[0] == 200
+    finally:
+        engine.batch.step = step
+        srv.stop()

@@ -163,6 +163,10 @@ class DecodeBatch:
     def free(self) -> int:
         return self.max_rows - len(self.rows)
 
+    def clear(self) -> None:
+        """Forget every running row (after a failed call, when the cache's contents are unknown)."""
+        self.rows, self.lens, self.pending, self.length = [], [], [], 0
+
     # ---- the two calls the engine makes --------------------------------------------------------------
     @torch.inference_mode()
     def add(self, groups: list[list[Row]]) -> list[Emitted]:

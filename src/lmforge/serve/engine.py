@@ -389,7 +389,7 @@ class Engine:
             rows = self.batch.rows + ([r for g in arg for r in g] if fn == self.batch.add else [])
             for gen in {id(r.owner): r.owner for r in rows}.values():
                 self._fail(gen, EngineFailed(f"model '{self.name}' failed on this request ({type(e).__name__})"))
-            self.batch.rows, self.batch.lens, self.batch.pending, self.batch.length = [], [], [], 0
+            self.batch.clear()
             return
         self._dispatch(emitted)
 
@@ -520,10 +520,11 @@ class Engine:
 
         texts = [t for p in payloads for t in p]
         interop = self.config.get("interop") or {}
-        max_length = interop.get("max_seq_length") or self.model.config.max_position
+        max_length = interop.get("max_seq_length") or self.model.config.context_length
         pooling = (self.config.get("objective_args") or {}).get("pooling", "mean") \
             if self.config.get("objective") == "simcse" else "mean"
-        lengths = [len(ids) + 2 for ids in self.tokenizer.encode_batch(texts)]
+        # each text's whole length as the model would see it ([CLS] text [SEP]), before truncation
+        lengths = [len(ids) for ids in self.tokenizer.encode_for_model(texts, padding=False)["input_ids"]]
         vectors = encode_sentences(self.model, self.tokenizer, texts, pooling=pooling, max_length=max_length,
                                    batch_size=self.options.job_batch).tolist()
         out, start = [], 0

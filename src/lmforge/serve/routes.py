@@ -356,8 +356,6 @@ async def completions(request: Request):
     engine = engine_for(request, body.model, "completions")
     sampling, n = _sampling(body, limits)
     prompts = _prompts(body, limits)
-    if len(prompts) * n > limits.max_inputs * limits.max_n:
-        raise ApiError(400, "too many choices in one request (prompts x n)", param="n")
     ids = engine.encode_prompts(prompts, sampling.max_tokens)
     gen = engine.submit(ids, sampling, n=n, seed=body.seed)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
