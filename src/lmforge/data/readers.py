@@ -558,10 +558,12 @@ class QAFile(list):
     """The questions of one QA file (a list of `QAExample`) plus what reading found: `format` ('squad' or
     'cmrc2018'), `non_string` (references that were numbers, read with str()), `unlocated` (references
     not found in their context), `relocated` (SQuAD answers whose answer_start did not point at the text,
-    found at another occurrence) and `questions_unlocated` (questions with no located reference)."""
+    found at another occurrence), `questions_unlocated` (questions with no located reference) and
+    `empty_questions` (questions whose text is empty: kept, as the official scripts score them)."""
 
     def __init__(self, examples: Iterable[QAExample], format: str, non_string: int = 0, relocated: int = 0):
         super().__init__(examples)
+        self.empty_questions = 0
         self.format = format
         self.non_string = non_string
         self.relocated = relocated
@@ -571,7 +573,8 @@ class QAFile(list):
     def counts(self) -> dict[str, int]:
         return {"questions": len(self), "references": sum(len(ex.answers) for ex in self),
                 "references_unlocated": self.unlocated, "questions_unlocated": self.questions_unlocated,
-                "references_non_string": self.non_string, "references_relocated": self.relocated}
+                "references_non_string": self.non_string, "references_relocated": self.relocated,
+                "questions_empty": self.empty_questions}
 
 
 def _locate(context: str, text: str, start: int | None) -> tuple[tuple[int, int] | None, bool]:
@@ -593,13 +596,13 @@ def _locate(context: str, text: str, start: int | None) -> tuple[tuple[int, int]
     return (best, best + len(text)), start is not None
 
 
-def _qa_text(path, where: str, obj: dict, *keys: str) -> str:
+def _qa_text(path, where: str, obj: dict, *keys: str, allow_empty: bool = False) -> str:
     for key in keys:
         if key in obj:
             value = obj[key]
             if not isinstance(value, str):
                 raise DataError(f"{path}: {where}: '{key}' is a {type(value).__name__}, expected a string")
-            if not value.strip():
+            if not value.strip() and not allow_empty:
                 raise DataError(f"{path}: {where}: empty '{key}'")
             return value
     raise DataError(f"{path}: {where}: no {' or '.join(repr(k) for k in keys)} (keys: {', '.join(map(repr, obj))})")
@@ -656,7 +659,7 @@ def read_qa(path: str | Path, labelled: bool = True) -> QAFile:
     Args:
         path: the file.
         labelled: False reads questions without answers (prediction input).
-    Raises: DataError (missing/undecodable file, bad JSON, a missing or empty question/context/answer,
+    Raises: DataError (missing/undecodable file, bad JSON, a missing question, an empty context or answer,
         a labelled question without answers, is_impossible questions, an empty file).
     """
     lines = _read_lines(path)
@@ -669,13 +672,15 @@ def read_qa(path: str | Path, labelled: bool = True) -> QAFile:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         items, fmt = _qa_items(path, doc)
-    out, non_string, relocated = [], 0, 0
+    out, non_string, relocated, empty_questions = [], 0, 0, 0
     seen: set[str] = set()
     for where, q in items:
         if not isinstance(q, dict):
             raise DataError(f"{path}: {where}: expected a JSON object, got {type(q).__name__}")
         context = q["__context"] if "__context" in q else _qa_text(path, where, q, "context")
-        question = _qa_text(path, where, q, "question", "query_text")
+        # an empty question is kept and counted (CMRC 2018's trial file has one): the official scripts score it
+        question = _qa_text(path, where, q, "question", "query_text", allow_empty=True)
+        empty_questions += not question.strip()
         qid = str(q.get("id", q.get("query_id", where)))
         if qid in seen:
             raise DataError(f"{path}: {where}: question id {qid!r} occurs twice")
@@ -694,7 +699,9 @@ def read_qa(path: str | Path, labelled: bool = True) -> QAFile:
         out.append(QAExample(qid, question, context, texts, spans, f"{path}: question {qid}"))
     if not out:
         raise DataError(f"{path}: no questions (empty split)")
-    return QAFile(out, "cmrc2018" if fmt == "cmrc2018" else "squad", non_string, relocated)
+    qa_file = QAFile(out, "cmrc2018" if fmt == "cmrc2018" else "squad", non_string, relocated)
+    qa_file.empty_questions = empty_questions
+    return qa_file
 
 
 def _qa_items(path, doc) -> tuple[list[tuple[str, dict]], str]:
