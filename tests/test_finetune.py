@@ -303,3 +303,18 @@ def test_conll_crf_from_minilm_smoke(tmp_path):
     preds = [json.loads(l)["tags"] for l in (tmp_path / "p.jsonl").read_text().splitlines()]
     gold = [[ln.split()[-1] for ln in b.splitlines()] for b in blocks[60:100]]
     assert report["metrics"]["f1"] == pytest.approx(seqeval.f1_score(gold, preds))
+
+
+def test_run_folder_rules(cls_data, tmp_path, capsys):
+    run_verb("finetune", cls_args(cls_data, tmp_path, steps=2))
+    err = cli_error(["finetune", *cls_args(cls_data, tmp_path, steps=2)], capsys)
+    assert "already holds checkpoints" in err and "--overwrite" in err
+    (tmp_path / "runs" / "run" / "notes.txt").write_text("mine")
+    run_verb("finetune", cls_args(cls_data, tmp_path, steps=3) + ["--overwrite"])
+    assert (tmp_path / "runs" / "run" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "runs" / "run" / "checkpoints" / "step-3").is_dir()
+    assert not (tmp_path / "runs" / "run" / "checkpoints" / "step-2").exists()
+    err = cli_error(["finetune", *cls_args(cls_data, tmp_path, name="../escape")], capsys)
+    assert "must be a folder name inside --runs_dir" in err
+    err = cli_error(["finetune", *cls_args(cls_data, tmp_path, name="dev")] + ["--train.device", "cuda:3"], capsys)
+    assert "train.device" in err and not (tmp_path / "runs" / "dev").exists()

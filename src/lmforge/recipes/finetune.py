@@ -71,6 +71,7 @@ def finetune(
     name: Optional[str] = None,
     runs_dir: str = "runs",
     resume: Optional[str] = None,
+    overwrite: bool = False,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a model for a task: classify (one text), pair (two texts) or tag (tokens, linear or CRF).
@@ -92,6 +93,7 @@ def finetune(
         name: run name; outputs go to RUNS_DIR/NAME (default: TASK-TIMESTAMP).
         runs_dir: where run directories are created.
         resume: continue a stopped fine-tuning exactly: 'latest' or a checkpoint path.
+        overwrite: start the run NAME again, replacing its old outputs (other files in its folder stay).
         quiet: no progress bar or per-evaluation lines.
     """
     from lmforge.data.task_batches import TaskBatcher
@@ -113,12 +115,11 @@ def finetune(
         raise ConfigError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
+    from lmforge.recipes.pretrain import RUN_OUTPUTS, run_directory
+
     name = name or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(runs_dir) / name
-    if resume in ("latest", "true", "True"):
-        resume = str(run_dir)
-    if resume is None and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume latest to continue it, or another --name")
+    run_dir, resume = run_directory(runs_dir, name, resume=resume, overwrite=overwrite)
+    device = resolve_device(train_cfg.device)  # a device this machine lacks is refused before any work
 
     # -- data: labels come from the training split only ---------------------------------------------
     train_ex = record.read(data.train, data)
@@ -167,7 +168,6 @@ def finetune(
         train_cfg = replace(train_cfg, best_metric=record.default_metric)
     if quiet:
         train_cfg = replace(train_cfg, progress=False)
-    device = resolve_device(train_cfg.device)
 
     def evaluator(m):
         values, _ = evaluate_features(record, m, dev_ex, dev_feats, labels, collate, 2 * train_cfg.batch_size, device)
@@ -183,8 +183,12 @@ def finetune(
         "init_from": started_from,
         "epochs": epochs,
     }
+    import shutil
+
     from lmforge.config import save_yaml
 
+    for old in (run_dir / n for n in RUN_OUTPUTS if overwrite):  # everything is checked: replace the old run
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(run_config, run_dir / "config.yaml")
     if not quiet:
