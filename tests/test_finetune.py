@@ -318,3 +318,13 @@ def test_run_folder_rules(cls_data, tmp_path, capsys):
     assert "must be a folder name inside --runs_dir" in err
     err = cli_error(["finetune", *cls_args(cls_data, tmp_path, name="dev")] + ["--train.device", "cuda:3"], capsys)
     assert "train.device" in err and not (tmp_path / "runs" / "dev").exists()
+
+
+def test_classify_on_a_gpt_backbone_pools_the_mean(cls_data, tmp_path):
+    args = cls_args(cls_data, tmp_path, name="gpt")
+    i = args.index("--arch")
+    args[i:i + len(TINY_BERT)] = ["--arch", "gpt", "--model.n_layer", "2", "--model.n_head", "2", "--model.d_model",
+                                  "32", "--model.block_size", "64"]
+    summary = run_verb("finetune", args)
+    assert "pooling: mean" in (tmp_path / "runs" / "gpt" / "config.yaml").read_text()
+    assert summary["best"]["value"] >= 0.9

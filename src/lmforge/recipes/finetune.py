@@ -149,6 +149,8 @@ def finetune(
     if hasattr(backbone, "use_heads"):
         # pretraining heads stay in the checkpoint, frozen: the task head replaces them (seq2seq trains the LM head)
         backbone.use_heads(*getattr(record, "backbone_heads", ()))
+    if hasattr(options, "resolved"):  # options that depend on the architecture (classify: pooling)
+        options = options.resolved(arch)
     torch.manual_seed(train_cfg.seed)
     net = TaskModel(backbone, record.head(hidden_size(backbone), len(labels), options, labels))
     if hasattr(record, "bind"):

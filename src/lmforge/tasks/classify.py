@@ -25,18 +25,27 @@ class ClassifyOptions:
     """The classification head (`--task_args.*`).
 
     Args:
-        pooling: sentence vector: 'cls' (the [CLS] hidden state) or 'mean' (over real tokens).
+        pooling: sentence vector: 'cls' (the first token's hidden state: BERT's [CLS]), 'mean' (over real
+            tokens), or 'auto' (cls for a bidirectional encoder, mean for a causal model, whose first
+            token sees nothing else).
         dropout: dropout on the sentence vector before the classifier.
     """
 
-    pooling: Literal["cls", "mean"] = "cls"
+    pooling: Literal["auto", "cls", "mean"] = "auto"
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"task_args.dropout must be in [0, 1), got {self.dropout}")
-        if self.pooling not in ("cls", "mean"):
-            raise ConfigError(f"task_args.pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.pooling not in ("auto", "cls", "mean"):
+            raise ConfigError(f"task_args.pooling must be 'auto', 'cls' or 'mean', got {self.pooling!r}")
+
+    def resolved(self, arch: str) -> "ClassifyOptions":
+        from dataclasses import replace
+
+        if self.pooling != "auto":
+            return self
+        return replace(self, pooling="cls" if arch == "bert" else "mean")
 
 
 class ClassifyHead(nn.Module):
