@@ -769,8 +769,8 @@ def _pair_files(path: Path, source, target) -> tuple[Path, Path | None] | None:
 
 def _plain_lines(path) -> list[tuple[int, str]]:
     lines = _read_lines(path)
-    while lines and not lines[-1].strip():
-        lines.pop()  # the file's final newline (and trailing blank lines)
+    if lines and lines[-1] == "":
+        lines.pop()  # the file's final newline (a blank line before it is an empty item, reported)
     return [(i + 1, ln) for i, ln in enumerate(lines)]
 
 
@@ -838,7 +838,9 @@ def read_pairs(path: str | Path, *, source: Column = None, target: Column = None
     tgt = target if target is not None else ("response" if json_rows else 1)
     try:
         rows = read_table(p, text=src, text_pair=tgt if labelled else None, label=None, header=header)
-    except DataError as e:  # say prompt/response, not the classification reader's text/label
-        raise DataError(str(e).replace("empty text in column " + repr(_as_column(tgt)), "empty response in column "
-                                       + repr(_as_column(tgt))).replace("empty text", "empty prompt")) from None
+    except DataError as e:  # say prompt/response, not the classification reader's text/text_pair
+        msg = str(e).replace("empty text in column " + repr(_as_column(tgt)), "empty response in column "
+                             + repr(_as_column(tgt))).replace("empty text", "empty prompt")
+        msg = msg.replace(" for text_pair", " for data.target (the response)").replace(" for text", " for data.source (the prompt)")
+        raise DataError(msg) from None
     return [Pair(r.text, r.text_pair, r.where) for r in rows]
