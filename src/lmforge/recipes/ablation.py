@@ -3,7 +3,6 @@ initialisation of the same architecture and tokenizer, with the same data, budge
 side by side (mean +- sd over seeds, dev curves of both in one PNG) in `report.md` / `report.json`."""
 from __future__ import annotations
 
-import io
 import statistics
 import time
 from pathlib import Path
@@ -123,12 +122,9 @@ def _report(task, init_from, data, runs, seeds, root: Path) -> dict[str, Any]:
 
 
 def _curves_png(runs, metric: str, task: str) -> bytes:
-    import matplotlib
+    from lmforge.plots import new_figure, png_bytes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = new_figure()
     for arm, color in (("base", "tab:blue"), ("random", "tab:orange")):
         for i, r in enumerate(runs[arm]):
             pts = [(h["step"], h[metric]) for h in r["history"] if metric in h]
@@ -137,10 +133,4 @@ def _curves_png(runs, metric: str, task: str) -> bytes:
                         label=("pretrained base" if arm == "base" else "random init") if i == 0 else None)
     ax.set_xlabel("fine-tuning step")
     ax.set_ylabel(f"dev {metric}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

@@ -34,7 +34,7 @@ from lmforge.train.checkpoint import (
     unwrap,
 )
 from lmforge.errors import LmforgeError
-from lmforge.storage import atomic_write_bytes, atomic_write_text, json_safe
+from lmforge.storage import atomic_write_text, json_safe
 from lmforge.train.config import TrainConfig, check_device
 from lmforge.train.protocols import Batcher, Objective
 
@@ -196,12 +196,7 @@ class MetricsLog:
 
 def plot_curves(metrics_path: Path, out: Path) -> Path | None:
     """Train and validation loss against step, as a PNG (written atomically)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lmforge.plots import new_figure, save_png
 
     rows = read_metrics(metrics_path) if metrics_path.is_file() else []
     # a skipped (non-finite) loss is null: a gap in the curve
@@ -209,20 +204,14 @@ def plot_curves(metrics_path: Path, out: Path) -> Path | None:
     val = [(r["step"], r["loss"]) for r in rows if r.get("split") == "val" and isinstance(r.get("loss"), (int, float))]
     if not train and not val:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = new_figure()
     if train:
         ax.plot(*zip(*train), label="train", lw=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(out, buf.getvalue())
+    return save_png(fig, out)
 
 
 class DivergedError(LmforgeError):
