@@ -123,6 +123,8 @@ class QAMetric:
 
     def update(self, answers, examples, rule: str, too_long: int, max_answer_length: int) -> None:
         if not self.rule_set:
+            if rule == "auto":  # a model whose options were never resolved: decide from these contexts
+                rule = QA.resolve_options(QAOptions(), examples).scoring
             self.score.rule, self.rule_set = rule, True
         self.score.update(answers, [ex.answers for ex in examples])
         self.references_unlocated += sum(s is None for ex in examples for s in ex.spans)
