@@ -178,7 +178,7 @@ def ladder(
         out: the report directory (default runs/ladder-<data directory name>); one run directory per rung
             goes inside it.
         rungs: which rungs, in order (default all: ngram, rnn, gru, lstm, gpt).
-        budget_s: training wall time of each neural rung, in seconds (its steps are set from a probe).
+        budget_s: training wall time of each neural rung, in seconds (its steps are set from speed probes).
         max_order: the n-gram rung counts orders 1..max_order (those the vocabulary allows) and keeps the best.
         smoothing: the n-gram smoothing: modified_kn or kn.
         recurrent_layers: layers of the RNN, GRU and LSTM (their embedding width is the GPT's d_model;
@@ -194,6 +194,7 @@ def ladder(
     """
     from lmforge.data.shards import open_prepared
     from lmforge.models import build_model
+    from lmforge.train.trainer import resolve_device
 
     rungs = list(rungs or RUNGS)
     _check_args(rungs, budget_s, max_order, smoothing, recurrent_layers, curve_points, curve_batches, probe_steps,
@@ -232,7 +233,7 @@ def ladder(
     settings = {"data": str(path), "seq_len": seq_len, "train_tokens": len(train_split.tokens),
                 "val_tokens": len(val_split.tokens), "val_windows": len(windows), "scored_tokens": int(windows.shape[0] * seq_len),
                 "vocab_size": tokenizer.vocab_size, "gpt": str(gpt), "budget_s": budget_s, "target_params": target,
-                "threads": torch.get_num_threads(), "device": base_train.device, "train": to_dict(base_train),
+                "threads": torch.get_num_threads(), "device": str(resolve_device(base_train.device)), "train": to_dict(base_train),
                 "curve_windows": len(curve_windows), "rungs": rungs}
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {}
