@@ -149,5 +149,14 @@ def test_errors_are_one_line(prepared, tmp_path, capsys):
     assert "not empty" in line and "--resume true" in line
     line = _one_line_exit_2(["ladder", "--data.path", str(tmp_path / "nowhere"), "--gpt", str(prepared / "tiny_gpt.yaml")], capsys)
     assert "nowhere" in line
-    with pytest.raises(ConfigError, match="recurrent_layers must be at least 1"):
-        ladder(DataConfig(path=str(prepared / "prep")), gpt=str(prepared / "tiny_gpt.yaml"), recurrent_layers=0)
+    line = _one_line_exit_2(base + ["--rungs", "[rnn, rnn]"], capsys)
+    assert "each rung once" in line
+    line = _one_line_exit_2(base + ["--data.seq_len", "100000"], capsys)
+    assert "validation split longer than seq_len 100000" in line
+
+
+@pytest.mark.parametrize("name,value,low", [("recurrent_layers", 0, 1), ("curve_points", 0, 1), ("curve_batches", 0, 1),
+                                            ("probe_steps", 5, 6), ("probe_rounds", 0, 1)])
+def test_counts_below_their_minimum_are_refused(prepared, name, value, low):
+    with pytest.raises(ConfigError, match=f"{name} must be at least {low}, got {value}"):
+        ladder(DataConfig(path=str(prepared / "prep")), gpt=str(prepared / "tiny_gpt.yaml"), **{name: value})

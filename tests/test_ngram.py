@@ -4,7 +4,6 @@ context; scoring, caching, generation, checkpoints and the CLI paths, with the c
 from __future__ import annotations
 
 import itertools
-import math
 from collections import Counter
 
 import numpy as np
@@ -246,3 +245,8 @@ def test_cli_errors_are_one_line(prepared, tmp_path, capsys):
     line = _one_line_exit_2(["pretrain", "--data.path", data, "--arch", "ngram", "--resume", "latest",
                              "--runs_dir", str(tmp_path), "--name", "ng2"], capsys)
     assert "nothing to resume" in line
+    line = _one_line_exit_2(["pretrain", "--data.path", data, "--arch", "ngram", "--objective_args.whole_word", "true",
+                             "--runs_dir", str(tmp_path)], capsys)
+    assert "an n-gram model takes none" in line
+    line = _one_line_exit_2(["pretrain", "--arch", "ngram", "--runs_dir", str(tmp_path)], capsys)
+    assert "data.path is required" in line

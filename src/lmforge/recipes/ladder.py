@@ -22,7 +22,6 @@ import json
 import math
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -193,7 +192,6 @@ def ladder(
         The report: settings and one row per rung (also OUT/report.json).
     """
     from lmforge.data.shards import open_prepared
-    from lmforge.models import build_model
     from lmforge.train.trainer import resolve_device
 
     rungs = list(rungs or RUNGS)
@@ -216,17 +214,12 @@ def ladder(
         raise ConfigError(f"{out_dir} already exists and is not empty; pass --resume true to reuse its finished "
                           f"rungs, or choose another --out")
 
-    gpt_values = {**(preset.get("model") or {}), **(model or {})}
-    gpt_values["block_size"] = seq_len
-    gpt_cfg, _ = resolve_model_config("gpt", gpt_values, tokenizer.vocab_size, seq_len)
-    target = _count_params(build_model("gpt", gpt_cfg))
+    configs, target = _rung_configs({**(preset.get("model") or {}), **(model or {})}, tokenizer.vocab_size, seq_len,
+                                    recurrent_layers)
     shared = {**(preset.get("train") or {}), **(train or {})}
     base_train = from_dict(TrainConfig, shared, "train")  # checks the user's train fields once, up front
     if base_train.threads:
         torch.set_num_threads(base_train.threads)
-    configs = {"gpt": ("gpt", to_dict(gpt_cfg))}
-    for cell in ("rnn", "gru", "lstm"):
-        configs[cell] = ("lstm", _matched_recurrent(cell, gpt_cfg, recurrent_layers, target, tokenizer.vocab_size))
 
     windows = val_windows(val_split.tokens, seq_len)
     curve_windows = windows[:curve_batches * base_train.batch_size]
@@ -236,15 +229,9 @@ def ladder(
                 "threads": torch.get_num_threads(), "device": str(resolve_device(base_train.device)), "train": to_dict(base_train),
                 "curve_windows": len(curve_windows), "rungs": rungs}
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = {}
+    done = _finished_rungs(out_dir, rungs) if resume else {}
     for rung in rungs:
-        record = out_dir / rung / "ladder.json"
-        if resume and record.is_file():
-            from lmforge.storage import read_json
-
-            done[rung] = read_json(record)
-            print(f"[{rung}] reused {record}", flush=True)
-        elif (out_dir / rung).exists():
+        if rung not in done and (out_dir / rung).exists():
             shutil.rmtree(out_dir / rung)  # an unfinished rung of an earlier ladder: start it again
     data_cfg = DataConfig(path=str(path), seq_len=seq_len)
     neural = [r for r in rungs if r != "ngram" and r not in done]
@@ -252,16 +239,16 @@ def ladder(
     rows = []
     for rung in rungs:
         if rung in done:
-            row = done[rung]
-        elif rung == "ngram":
+            rows.append(done[rung])
+            continue
+        if rung == "ngram":
             row = _ngram_rung(out_dir, train_split.tokens, windows, curve_windows, tokenizer, path, seq_len,
                               max_order, smoothing, base_train)
         else:
             arch, values = configs[rung]
             row = _neural_rung(out_dir, rung, arch, values, shared, data_cfg, budget_s, speeds[rung], curve_points,
                                curve_batches, windows)
-        if rung not in done:
-            atomic_write_json(out_dir / rung / "ladder.json", row)
+        atomic_write_json(out_dir / rung / "ladder.json", row)  # written last: the rung is finished
         rows.append(row)
     report = {"settings": settings, "rows": rows}
     atomic_write_json(out_dir / "report.json", report)
@@ -293,6 +280,30 @@ def _check_args(rungs, budget_s, max_order, smoothing, recurrent_layers, curve_p
                              ("probe_rounds", probe_rounds, 1)):
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
+
+
+def _rung_configs(gpt_values: dict[str, Any], vocab_size: int, seq_len: int, recurrent_layers: int):
+    """({rung: (arch, model config)} for the neural rungs, the GPT's parameter count)."""
+    from lmforge.models import build_model
+
+    gpt_cfg, _ = resolve_model_config("gpt", {**gpt_values, "block_size": seq_len}, vocab_size, seq_len)
+    target = _count_params(build_model("gpt", gpt_cfg))
+    configs = {cell: ("lstm", _matched_recurrent(cell, gpt_cfg, recurrent_layers, target, vocab_size))
+               for cell in ("rnn", "gru", "lstm")}
+    configs["gpt"] = ("gpt", to_dict(gpt_cfg))
+    return configs, target
+
+
+def _finished_rungs(out_dir: Path, rungs: list[str]) -> dict[str, dict]:
+    """The rows of the rungs an earlier ladder in `out_dir` finished (their ladder.json exists)."""
+    from lmforge.storage import read_json
+
+    done = {}
+    for rung in rungs:
+        if (out_dir / rung / "ladder.json").is_file():
+            done[rung] = read_json(out_dir / rung / "ladder.json")
+            print(f"[{rung}] reused {out_dir / rung / 'ladder.json'}", flush=True)
+    return done
 
 
 def _count_params(net: torch.nn.Module) -> int:
