@@ -210,12 +210,15 @@ def test_batcher_windows_pack_documents_and_are_deterministic():
     again = list(b.val_batches())
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(vals, again))
     assert len(list(b.val_batches(limit=0))) == 0
-    # Sharding over processes splits the validation batches; their union is the same.
+    # Sharding over processes: each takes its slice of every global batch (batch_size x processes rows),
+    # so two processes with 2 see the rows and masks of one process with 4.
     shards = [list(MLMBatcher(Masker(stub_tokenizer()), train, val, seq_len=32, batch_size=2, seed=7, rank=r,
                               world_size=2).val_batches()) for r in (0, 1)]
-    single = list(MLMBatcher(Masker(stub_tokenizer()), train, val, seq_len=32, batch_size=2, seed=7).val_batches())
-    assert torch.equal(shards[0][0]["input_ids"], single[0]["input_ids"])
-    assert torch.equal(shards[1][0]["input_ids"], single[1]["input_ids"])
+    single = list(MLMBatcher(Masker(stub_tokenizer()), train, val, seq_len=32, batch_size=4, seed=7).val_batches())
+    assert [len(s) for s in shards] == [len(single)] * 2 == [1, 1]  # 3 windows: rows 0-1 and row 2
+    for i, whole in enumerate(single):
+        for k in ("input_ids", "labels", "attention_mask"):
+            assert torch.equal(torch.cat([s[i][k] for s in shards if i < len(s)]), whole[k])
 
 
 def test_objective_equals_direct_cross_entropy():

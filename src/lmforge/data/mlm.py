@@ -12,7 +12,13 @@ Masking (BERT, Devlin et al. 2019; Google's `create_pretraining_data.py`):
     its own token, so the run's text is the concatenation of its tokens and jieba's word lengths map
     back to tokens one to one; no decoding is needed). Mixed words such as "T恤" are not joined.
   * masks are drawn afresh for every batch (dynamic masking, RoBERTa) from a generator seeded by
-    (seed, step, micro, rank); validation masks are seeded by the batch index, the same at every eval.
+    (seed, step, micro); validation masks are seeded by the batch index, the same at every eval.
+
+Under several processes a batch is a global one (batch_size x world_size rows), built and masked whole
+from those seeds on every process, and process `rank` keeps rows rank * batch_size ... (rank + 1) *
+batch_size - 1: N processes with batch_size B see exactly the rows (and masks) one process with N * B
+sees. (Each process thus builds the whole global batch; cheap next to the model, except whole-word
+masking of very large global batches.)
 
 MLM sequences: `[CLS] window [SEP]` where the window is `seq_len - 2` consecutive tokens of the split,
 starting anywhere. Documents are packed: where a document ends inside a window a [SEP] is inserted (and
@@ -40,6 +46,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from lmforge.data.clm import data_id
 from lmforge.errors import ConfigError, DataError
 
 _VAL = 0x5EED  # in validation seeds, keeps them apart from any (seed, step, micro, rank) of training
@@ -205,6 +212,15 @@ class Masker:
         }
 
 
+def rows_of(batch: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
+    """Process `rank`'s rows (rank * size ... (rank + 1) * size - 1) of a global batch; `mlm_positions`
+    (flat indices of the predicted positions) are recomputed for the slice."""
+    rows = {k: v[rank * size : (rank + 1) * size] for k, v in batch.items() if k != "mlm_positions"}
+    if "mlm_positions" in batch:
+        rows["mlm_positions"] = torch.from_numpy(np.flatnonzero(rows["labels"].reshape(-1).numpy() != -100))
+    return rows
+
+
 def _pad(rows: list[np.ndarray], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows stacked into (B, width) filled with `pad_id`, and their lengths."""
     out = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -226,6 +242,10 @@ class MLMBatcher:
         self.seq_len, self.batch_size, self.seed, self.rank, self.world_size = seq_len, batch_size, seed, rank, world_size
         self.tokens_per_batch = batch_size * seq_len
         self.cls, self.sep, self.pad = masker.ids["cls"], masker.ids["sep"], masker.ids["pad"]
+        self.data_id = data_id(train, val, seq_len=seq_len)  # recorded in checkpoints, checked on resume
+
+    def _mine(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return batch if self.world_size == 1 else rows_of(batch, self.rank, self.batch_size)
 
     def window(self, shards, start: int) -> np.ndarray:
         """`[CLS]` + up to seq_len - 2 tokens from `start` with [SEP] between documents + `[SEP]`."""
@@ -244,23 +264,27 @@ class MLMBatcher:
         return self.masker.batch(ids, lengths, rng)
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro, self.rank])
+        """This process's slice of the global micro-batch `micro` of `step`."""
+        rng = np.random.default_rng([self.seed, step, micro, 0])  # the same global batch on every process
         n = len(self.train.tokens)
-        starts = rng.integers(0, max(1, n - (self.seq_len - 2) + 1), size=self.batch_size)
-        return self._batch(self.train, starts, rng)
+        starts = rng.integers(0, max(1, n - (self.seq_len - 2) + 1), size=self.batch_size * self.world_size)
+        return self._mine(self._batch(self.train, starts, rng))
 
     def val_batches(self, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """The validation split once, in consecutive windows; batch i is masked with seed (seed, i), and
-        process `rank` takes batches rank, rank + world_size, ... (the union is the same for any world size)."""
+        """The validation split once, in consecutive windows, in global batches of batch_size x world_size
+        windows (the first `limit` of them); global batch i is masked with seed (seed, i) and each process
+        takes its slice, so the masks do not depend on the number of processes."""
         if self.val is None or len(self.val.tokens) == 0:
             return
         starts = np.arange(0, len(self.val.tokens), self.seq_len - 2)
-        n_batches = -(-len(starts) // self.batch_size)
-        for done, i in enumerate(range(self.rank, n_batches, self.world_size)):
-            if limit is not None and done >= limit:
+        size = self.batch_size * self.world_size
+        for i in range(-(-len(starts) // size)):
+            if limit is not None and i >= limit:
                 return
+            if len(starts) <= i * size + self.rank * self.batch_size:  # a short last batch: nothing left for us
+                continue
             rng = np.random.default_rng([self.seed, _VAL, i])
-            yield self._batch(self.val, starts[i * self.batch_size : (i + 1) * self.batch_size], rng)
+            yield self._mine(self._batch(self.val, starts[i * size : (i + 1) * size], rng))
 
 
 class _Sentences:
@@ -315,6 +339,7 @@ class NSPBatcher:
         self.tokens_per_batch = batch_size * seq_len
         self.cls, self.sep, self.pad = masker.ids["cls"], masker.ids["sep"], masker.ids["pad"]
         self.structural = np.array(list(masker.ids.values()))
+        self.data_id = data_id(train, val, seq_len=seq_len, short_seq_prob=short_seq_prob)
 
     def pair(self, S: _Sentences, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
         """(segment A, segment B, label): label 0 = B follows A in its document, 1 = B is from another."""
@@ -353,8 +378,9 @@ class NSPBatcher:
         return a[cut[0] : len(a) - cut[1]], b[cut[2] : len(b) - cut[3]]
 
     def _batch(self, S: _Sentences, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """A global batch (batch_size x world_size pairs) drawn from `rng`, and this process's slice of it."""
         rows, types, labels = [], [], []
-        for _ in range(self.batch_size):
+        for _ in range(self.batch_size * self.world_size):
             a, b, label = self.pair(S, rng)
             rows.append(np.concatenate([[self.cls], a, [self.sep], b, [self.sep]]))
             types.append(np.concatenate([np.zeros(len(a) + 2, np.int64), np.ones(len(b) + 1, np.int64)]))
@@ -363,18 +389,20 @@ class NSPBatcher:
         type_ids, _ = _pad(types, self.seq_len, 0)
         batch = self.masker.batch(ids, lengths, rng, type_ids)
         batch["nsp_labels"] = torch.tensor(labels, dtype=torch.long)
-        return batch
+        return batch if self.world_size == 1 else rows_of(batch, self.rank, self.batch_size)
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        return self._batch(self.train, np.random.default_rng([self.seed, step, micro, self.rank]))
+        """This process's slice of the global micro-batch `micro` of `step` (drawn from (seed, step, micro))."""
+        return self._batch(self.train, np.random.default_rng([self.seed, step, micro, 0]))
 
     def val_batches(self, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Fixed pairs from the validation split: batch i is drawn with seed (seed, i); as many batches
-        as it takes to cover the split's tokens about once; process `rank` takes every world_size-th."""
+        """Fixed pairs from the validation split: global batch i (batch_size x world_size pairs) is drawn
+        with seed (seed, i), each process taking its slice; as many batches as it takes to cover the
+        split's tokens about once (the first `limit`)."""
         if self.val is None:
             return
-        n_batches = max(1, -(-self.val_tokens // (self.batch_size * (self.seq_len - 3))))
-        for done, i in enumerate(range(self.rank, n_batches, self.world_size)):
-            if limit is not None and done >= limit:
+        n_batches = max(1, -(-self.val_tokens // (self.batch_size * self.world_size * (self.seq_len - 3))))
+        for i in range(n_batches):
+            if limit is not None and i >= limit:
                 return
             yield self._batch(self.val, np.random.default_rng([self.seed, _VAL, i]))

@@ -6,8 +6,10 @@ A span is a sentence when the data was prepared with `--sentences true`, else a 
 with [PAD] to the longest row of its batch (sentences are short: padding to seq_len would waste most of
 the compute) with an `attention_mask`.
 
-Training batches are random spans, drawn from a generator seeded by (seed, step, micro, rank); the
-objective encodes each twice (dropout makes the two views differ). Validation runs in eval mode, where
+Training batches are random spans: a step's global batch (batch_size x world_size spans) is drawn from a
+generator seeded by (seed, step, micro), and process `rank` takes rows rank * batch_size ... (rank + 1) *
+batch_size - 1, so the rows do not depend on the number of processes (the in-batch negatives of the
+loss are then a process's own rows). The objective encodes each twice (dropout makes the two views differ). Validation runs in eval mode, where
 dropout is off and two encodings would be identical, so each validation batch also carries a second view
 of every sentence (`pair_input_ids`, `pair_attention_mask`) with each token deleted with probability
 `val_delete_prob` (default 0.5; at least one kept), fixed by the batch index: the validation loss then
@@ -27,6 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from lmforge.data.clm import data_id
 from lmforge.errors import ConfigError, DataError
 
 _VAL = 0x5EED  # in validation seeds, keeps them apart from any (seed, step, micro, rank) of training
@@ -88,6 +91,7 @@ class SentenceBatcher:
         self.val_spans = _spans(val, seq_len - 2, min_tokens) if val is not None else None
         mean_len = float(self.train_spans[1].mean()) + 2
         self.tokens_per_batch = int(round(batch_size * mean_len))
+        self.data_id = data_id(train, val, seq_len=seq_len, min_tokens=min_tokens, spans=int(len(self.train_spans[0])))
 
     def row(self, shards, start: int, length: int) -> np.ndarray:
         toks = np.asarray(shards.tokens[start : start + length], dtype=np.int64)
@@ -103,9 +107,11 @@ class SentenceBatcher:
         return torch.from_numpy(ids), torch.from_numpy(mask)
 
     def train_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro, self.rank])
+        """This process's slice of the global micro-batch `micro` of `step`."""
+        rng = np.random.default_rng([self.seed, step, micro, 0])  # the same global batch on every process
         starts, lengths = self.train_spans
-        pick = rng.integers(len(starts), size=self.batch_size)
+        pick = rng.integers(len(starts), size=self.batch_size * self.world_size)
+        pick = pick[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         rows = [self.row(self.train, starts[i], lengths[i]) for i in pick]
         ids, mask = self._pad(rows, max(map(len, rows)))
         return {"input_ids": ids, "attention_mask": mask}
@@ -119,19 +125,25 @@ class SentenceBatcher:
         return np.concatenate([[self.cls], body[keep], [self.sep]])
 
     def val_batches(self, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Every validation span once, in a fixed shuffled order (so that a batch mixes documents);
-        process `rank` takes batches rank, rank + world_size, ..."""
+        """Every validation span once, in a fixed shuffled order (so that a batch mixes documents), in
+        global batches of batch_size x world_size spans (the first `limit`), each process taking its slice;
+        the deletions of global batch i are drawn with seed (seed, i) in row order."""
         if self.val_spans is None or len(self.val_spans[0]) < 2:
             return
         starts, lengths = self.val_spans
         order = np.random.default_rng([self.seed, _VAL]).permutation(len(starts))
-        n_batches = len(order) // self.batch_size or 1  # a last partial batch is dropped (fewer negatives)
-        for done, i in enumerate(range(self.rank, n_batches, self.world_size)):
-            if limit is not None and done >= limit:
+        size = self.batch_size * self.world_size
+        n_batches = len(order) // size or 1  # a last partial batch is dropped (fewer negatives)
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for i in range(n_batches):
+            if limit is not None and i >= limit:
                 return
             rng = np.random.default_rng([self.seed, _VAL, i])
-            rows = [self.row(self.val, starts[j], lengths[j]) for j in order[i * self.batch_size : (i + 1) * self.batch_size]]
-            pairs = [self._delete(r, rng) for r in rows]
+            rows = [self.row(self.val, starts[j], lengths[j]) for j in order[i * size : (i + 1) * size]]
+            pairs = [self._delete(r, rng) for r in rows][mine]
+            rows = rows[mine]
+            if len(rows) < 2:  # a short single batch: fewer than two rows left for this process
+                continue
             width = max(map(len, rows))
             ids, mask = self._pad(rows, width)
             pair_ids, pair_mask = self._pad(pairs, width)

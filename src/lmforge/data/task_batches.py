@@ -69,6 +69,8 @@ class TaskBatcher:
         self.lengths = np.fromiter((len(f["input_ids"]) for f in features), dtype=np.int64, count=len(features))
         self.batches_per_epoch = math.ceil(len(features) / self.global_batch)
         self.tokens_per_batch = int(self.lengths.mean() * batch_size)
+        # recorded in checkpoints and checked on resume (with the global batch and the seed)
+        self.data_id = {"examples": len(features), "tokens": int(self.lengths.sum()), "group": self.group}
         self._epoch: int | None = None
         self._order: list[np.ndarray] = []
 

@@ -174,7 +174,7 @@ def pretrain(
     """
     from lmforge.data.shards import open_prepared
     from lmforge.models import build_model
-    from lmforge.train.distributed import apply_activation_checkpointing, apply_ddp, setup_distributed
+    from lmforge.train.distributed import apply_activation_checkpointing, apply_parallel, setup_distributed
     from lmforge.train.protocols import ObjectiveContext
     from lmforge.train.config import check_device
     from lmforge.train.trainer import Trainer, resolve_device
@@ -229,11 +229,13 @@ def pretrain(
             apply_activation_checkpointing(net, every=train_cfg.activation_checkpointing)
         except ValueError:
             raise ConfigError(f"train.activation_checkpointing: arch {arch} has no Transformer blocks to checkpoint") from None
-    def parallelize(m):  # torch.compile (train.compile) is applied by the trainer, to the whole loss
-        return apply_ddp(m, resolve_device(train_cfg.device)) if world_size > 1 else m
+    def parallelize(m):  # DDP or FSDP2 (train.parallel); torch.compile is applied by the trainer, to the whole loss
+        return apply_parallel(m, train_cfg.parallel, resolve_device(train_cfg.device), world_size)
 
     trainer = Trainer(net, obj, batcher, train_cfg, run_dir, run_config=run_config, tokenizer=tokenizer,
                       rank=rank, world_size=world_size, parallelize=parallelize)
+    if resume is not None:  # a changed global batch or data is refused before the run folder is touched
+        trainer.check_resume(resume)
     if rank == 0:  # everything is checked: only now is the run folder written
         import shutil
 

@@ -41,16 +41,23 @@ def save_checkpoint(
     tokenizer: Any = None,
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict[str, Any] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (see the module docstring for its contents)."""
+    """Write a checkpoint directory atomically (see the module docstring for its contents).
+
+    `model_state` / `optimizer_state`, when given, are written instead of `model.state_dict()` /
+    `optimizer.state_dict()`: the trainer passes full state dicts gathered from a sharded or wrapped
+    model (`lmforge.train.distributed.model_state`), the optimizer's keyed by parameter name."""
     path = Path(path)
     with atomic_dir(path) as tmp:
         save_yaml(config, tmp / "config.yaml")
-        save_tensors(unwrap(model).state_dict(), tmp / "model.safetensors", metadata={"format": "pt"})
+        weights = model_state if model_state is not None else unwrap(model).state_dict()
+        save_tensors(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
-        if optimizer is not None:
-            torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer_state is not None or optimizer is not None:
+            torch_save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         if trainer_state is not None:
             atomic_write_json(tmp / "trainer_state.json", trainer_state)
         sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
@@ -72,10 +79,15 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 
 def load_training_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights and optimizer state for `--resume`; returns trainer_state.json."""
+    """Restore weights and optimizer state of a plain model in one process; returns trainer_state.json.
+    (The trainer's own resume, on any number of processes, is `Trainer.fit(resume=...)`.)"""
     for name in ("optimizer.pt", "trainer_state.json"):
         if not (ckpt / name).is_file():
             raise CheckpointError(f"{ckpt}: {name} missing; this checkpoint cannot be resumed (weights only)")
-    load_model_state(model, ckpt)
-    optimizer.load_state_dict(torch_load(ckpt / "optimizer.pt"))
+    from lmforge.train.distributed import load_state, name_optimizer_state
+
+    load_model_state(model, ckpt)  # names and shapes checked
+    model = unwrap(model)
+    optim = name_optimizer_state(model, optimizer, torch_load(ckpt / "optimizer.pt"))  # keyed by name
+    load_state(model, optimizer, model.state_dict(), optim, world_size=1)
     return read_json(ckpt / "trainer_state.json")

@@ -17,7 +17,9 @@ class TrainConfig:
 
     Args:
         max_steps: optimizer steps to run.
-        batch_size: sequences per micro-batch (per process).
+        batch_size: sequences per micro-batch per process; under torchrun the global batch is
+            batch_size x processes (each process trains its slice of it), so N processes with B give
+            the same run as one process with N x B.
         grad_accum: micro-batches accumulated per optimizer step.
         lr: peak learning rate.
         min_lr: learning rate at the end of the decay.
@@ -58,6 +60,12 @@ class TrainConfig:
             row were skipped.
         progress_every: when the output is not a terminal (a pipe, a log file), print one progress line
             every this many seconds instead of a live bar.
+        parallel: how the processes of a torchrun job share the model: 'ddp' (each holds a full copy,
+            gradients are averaged) or 'fsdp' (FSDP2: parameters, gradients and optimizer state sharded
+            across the processes, for models that do not fit one device). One process: the plain model.
+        allow_resume_mismatch: resume a checkpoint even though its global batch (batch_size x
+            processes), grad_accum, data or seed differ from this run's (refused otherwise: the run would
+            no longer continue the same one).
     """
 
     max_steps: int = 1000
@@ -93,6 +101,8 @@ class TrainConfig:
     layer_decay: float = 1.0
     max_nonfinite_steps: int = 5
     progress_every: float = 30.0
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    allow_resume_mismatch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum"):
@@ -138,6 +148,8 @@ class TrainConfig:
                               f"got {self.weight_decay}, {self.grad_clip}")
         if self.progress_every <= 0:
             raise ConfigError(f"train.progress_every must be > 0 seconds, got {self.progress_every}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.seed >= 2**63:
             raise ConfigError(f"train.seed must be below 2**63, got {self.seed}")
         parse_device(self.device, "train.device")

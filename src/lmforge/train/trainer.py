@@ -10,6 +10,13 @@
 Everything the next step depends on (weights, optimizer moments, the step number) is in the
 checkpoint, and the data and dropout noise are functions of (seed, step): resuming reproduces the
 uninterrupted run exactly.
+
+Under torchrun every process runs this loop on its slice of each global batch (the batcher draws the
+global batch from (seed, step) alone and hands each rank its share), gradients are averaged by DDP or
+FSDP2 (the `parallelize` step), and the logged loss is the mean over all processes: N processes with
+train.batch_size B train and log the same run as one process with N * B. Checkpoints hold full tensors
+(gathered through torch.distributed.checkpoint's state-dict helpers), record the global batch and the
+data, and resume on any number of processes that keeps them.
 """
 from __future__ import annotations
 
@@ -26,15 +33,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.train.checkpoint import (
-    find_checkpoint,
-    load_training_state,
-    prune_checkpoints,
-    save_checkpoint,
-    unwrap,
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.storage import atomic_write_text, json_safe, load_tensors, read_json, torch_load
+from lmforge.train.checkpoint import find_checkpoint, prune_checkpoints, save_checkpoint, unwrap
+from lmforge.train.distributed import (
+    broadcast_object,
+    global_mean,
+    is_sharded,
+    load_state,
+    local_tensor,
+    model_state,
+    name_optimizer_state,
+    optimizer_state,
 )
-from lmforge.errors import LmforgeError
-from lmforge.storage import atomic_write_text, json_safe
 from lmforge.train.config import TrainConfig, check_device
 from lmforge.train.protocols import Batcher, Objective
 
@@ -307,11 +318,13 @@ class Trainer:
     ):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        # The parallelize step (DDP, later FSDP2) is applied to the plain model before the optimizer is
-        # built, so the optimizer holds the parameters the wrapped model trains.
+        # The parallelize step (DDP, FSDP2) is applied to the plain model before the optimizer is built, so
+        # the optimizer holds the parameters the wrapped model trains (FSDP2's sharded ones).
         model = model.to(self.device)
         self.raw_model = unwrap(model)
         self.model = parallelize(model) if parallelize is not None else model
+        # Sharded (FSDP2): every process takes part in each forward pass and in gathering the state to save.
+        self.sharded = world_size > 1 and is_sharded(self.raw_model)
         self.objective = objective
         self.batcher = batcher
         self.run_dir = Path(run_dir)
@@ -339,13 +352,16 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean loss and metrics over the validation batches (weighted by sequences per batch)."""
         self.model.eval()
+        # DDP evaluates the plain model (no collectives, so processes may hold different numbers of
+        # batches); a sharded model runs as one, see _val_batches
+        model = self.model if self.sharded else self.raw_model
         sums: dict[str, torch.Tensor] = {}
         total = 0
-        for batch in self.batcher.val_batches(self.cfg.eval_batches):
-            n = next(iter(batch.values())).shape[0]
+        for batch, counts in self._val_batches():
+            n = next(iter(batch.values())).shape[0] if counts else 0
             batch = to_device(batch, self.device)
             with self.autocast:
-                loss, metrics = self.loss_fn(self.model, batch)
+                loss, metrics = self.loss_fn(model, batch)
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() * n
             total += n
@@ -364,25 +380,134 @@ class Trainer:
             out["ppl"] = math.exp(min(out["loss"], 50.0))
         return out
 
+    def _val_batches(self):
+        """(batch, counts) over the validation batches. A sharded model gathers its weights in every
+        forward pass, so all processes must run as many: one that has fewer batches runs its first one
+        again (or a training batch when it has none) with `counts` false."""
+        batches = self.batcher.val_batches(self.cfg.eval_batches)
+        if not self.sharded:
+            yield from ((b, True) for b in batches)
+            return
+        import torch.distributed as dist
+
+        batches = list(batches)
+        most = torch.tensor(len(batches), device=self.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        filler = batches[0] if batches else self.batcher.train_batch(0, 0)
+        for i in range(int(most.item())):
+            yield (batches[i], True) if i < len(batches) else (filler, False)
+
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self, step: int) -> Path:
+        """Write `checkpoints/step-N` (rank 0 writes; with a sharded model every process must call this)."""
         path = self.run_dir / "checkpoints" / f"step-{step}"
-        save_checkpoint(path, model=self.raw_model, config=self.run_config, tokenizer=self.tokenizer,
-                        optimizer=self.optimizer, trainer_state=self._state(step))
-        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        weights, optim = self._full_state(with_optimizer=True)
+        if self.is_main:
+            save_checkpoint(path, model=self.raw_model, model_state=weights, optimizer_state=optim,
+                            config=self.run_config, tokenizer=self.tokenizer, trainer_state=self._state(step))
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         return path
 
+    def _full_state(self, with_optimizer: bool) -> tuple[dict | None, dict | None]:
+        """Full (unsharded) model and optimizer state dicts, the optimizer's keyed by parameter name, so
+        that plain, DDP and FSDP2 runs on any number of processes read them. Rank 0 gets them (a
+        sharded model is gathered with every process's help); other processes get (None, None)."""
+        if not (self.is_main or self.sharded):
+            return None, None
+        weights = model_state(self.raw_model)
+        optim = optimizer_state(self.raw_model, self.optimizer) if with_optimizer else None
+        return (weights, optim) if self.is_main else (None, None)
+
+    def _layout(self) -> dict[str, Any]:
+        """What makes a step's data: the global batch (sequences per micro-batch over all processes), the
+        micro-batches per step, the data and the seed."""
+        return {"global_batch": self.cfg.batch_size * self.world_size, "grad_accum": self.cfg.grad_accum,
+                "seed": self.cfg.seed, "data": getattr(self.batcher, "data_id", None)}
+
     def _state(self, step: int) -> dict[str, Any]:
-        return {"step": step, "seed": self.cfg.seed, "data_cursor": {"step": step, "micro": 0},
+        return {"step": step, "data_cursor": {"step": step, "micro": 0},
                 "rng": "data and dropout are functions of (seed, step); nothing else to restore",
-                "world_size": self.world_size, "best": dict(self.best)}
+                **self._layout(), "world_size": self.world_size, "batch_size": self.cfg.batch_size,
+                "parallel": self.cfg.parallel if self.world_size > 1 else "none", "best": dict(self.best)}
 
     def _save_best(self, step: int) -> Path:
         """`run_dir/best`: the weights with the best dev metric so far (no optimizer: not for resuming)."""
         path = self.run_dir / "best"
-        save_checkpoint(path, model=self.raw_model, config=self.run_config, tokenizer=self.tokenizer,
-                        trainer_state=self._state(step))
+        weights, _ = self._full_state(with_optimizer=False)
+        if self.is_main:
+            save_checkpoint(path, model=self.raw_model, model_state=weights, config=self.run_config,
+                            tokenizer=self.tokenizer, trainer_state=self._state(step))
         return path
+
+    def check_resume(self, resume: str | Path) -> tuple[Path, dict[str, Any]]:
+        """(checkpoint, its trainer_state) for `--resume`, checked before any work: it must hold the
+        optimizer and trainer state, and its global batch, micro-batches per step, data and seed must be
+        this run's (any number of processes may continue it), unless train.allow_resume_mismatch.
+        Every process reads trainer_state.json (the runs directory is on a file system all nodes see)."""
+        ckpt = find_checkpoint(resume)
+        for name in ("optimizer.pt", "trainer_state.json"):
+            if not (ckpt / name).is_file():
+                raise CheckpointError(f"{ckpt}: {name} missing; this checkpoint cannot be resumed (weights only)")
+        state = read_json(ckpt / "trainer_state.json")
+        ours = self._layout()
+        changed = [k for k in ours if k in state and state[k] != ours[k]]
+        if changed and not self.cfg.allow_resume_mismatch:
+            raise ConfigError(f"--resume {ckpt}: {self._describe_changes(state, ours, changed)}, so this would not "
+                              f"continue the same run; pass --train.allow_resume_mismatch true to continue anyway")
+        if changed and self.is_main:
+            print(f"warning: --resume {ckpt}: {self._describe_changes(state, ours, changed)}; continuing "
+                  f"(train.allow_resume_mismatch): this is no longer the same run", file=sys.stderr, flush=True)
+        return ckpt, state
+
+    def _describe_changes(self, state: dict[str, Any], ours: dict[str, Any], changed: list[str]) -> str:
+        parts = []
+        if "global_batch" in changed:
+            was, now = state["global_batch"], ours["global_batch"]
+            hint = (f"; with {self.world_size} process(es) use train.batch_size {was // self.world_size}"
+                    if was % self.world_size == 0 else "")
+            parts.append(f"the checkpoint's global batch is {was} sequences ({state.get('world_size', '?')} process(es) "
+                         f"x train.batch_size {state.get('batch_size', '?')}), this run's {now} ({self.world_size} x "
+                         f"{self.cfg.batch_size}){hint}")
+        if "grad_accum" in changed:
+            parts.append(f"train.grad_accum was {state['grad_accum']}, is {ours['grad_accum']}")
+        if "seed" in changed:
+            parts.append(f"train.seed was {state['seed']}, is {ours['seed']}")
+        if "data" in changed:
+            was, now = state["data"] or {}, ours["data"] or {}
+            diff = ", ".join(f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
+            parts.append(f"the data differs from the checkpoint's ({diff})")
+        return "; ".join(parts)
+
+    def _load(self, resume: str | Path) -> dict[str, Any]:
+        """Restore weights and optimizer state for `--resume` (rank 0 reads the files and broadcasts
+        them; each process keeps what its layout holds); returns the trainer state."""
+        ckpt, state = self.check_resume(resume)
+        weights, optim, error = {}, {}, None
+        if self.is_main:
+            try:
+                weights = load_tensors(ckpt / "model.safetensors")
+                self._check_weights(ckpt, weights)
+                optim = name_optimizer_state(self.raw_model, self.optimizer, torch_load(ckpt / "optimizer.pt"))
+            except LmforgeError as e:
+                error = e
+        error = broadcast_object(None if error is None else str(error), self.world_size)  # all stop, or none
+        if error is not None:
+            raise CheckpointError(error)
+        try:
+            load_state(self.raw_model, self.optimizer, weights, optim, self.world_size)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{ckpt}: its state does not fit this model and optimizer ({str(e).splitlines()[0]})") from None
+        return state
+
+    def _check_weights(self, ckpt: Path, weights: dict[str, torch.Tensor]) -> None:
+        """The checkpoint's tensors have this model's names and (full, unsharded) shapes."""
+        own = {k: tuple(v.shape) for k, v in self.raw_model.state_dict().items()}  # DTensors report full shapes
+        missing, unexpected = [k for k in own if k not in weights], [k for k in weights if k not in own]
+        if missing or unexpected:
+            raise CheckpointError(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        for k, v in weights.items():
+            if tuple(v.shape) != own[k]:
+                raise CheckpointError(f"{ckpt}: weight '{k}' has shape {tuple(v.shape)}, model expects {own[k]}")
 
     def _improved(self, value: float) -> bool:
         best = self.best["value"]
@@ -396,8 +521,7 @@ class Trainer:
         cfg = self.cfg
         start = 0
         if resume is not None:
-            ckpt = find_checkpoint(resume)
-            state = load_training_state(ckpt, self.raw_model, self.optimizer)
+            state = self._load(resume)
             start = int(state["step"])
             self.best.update(state.get("best") or {})
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -431,6 +555,7 @@ class Trainer:
                 window_steps += 1
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.max_steps:
+                    window_loss = global_mean(window_loss, self.world_size)  # the whole global batch's loss
                     values = {k: (v / window_steps).item() for k, v in window_loss.items()}  # one sync per log line
                     elapsed = time.perf_counter() - window_start
                     values.update(lr=lr, tokens_per_s=tokens_per_step * window_steps / max(elapsed, 1e-9))
@@ -442,15 +567,14 @@ class Trainer:
                     window_start, window_steps, window_loss = time.perf_counter(), 0, None
                 if bar is not None:
                     bar.update(1)
-                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps and self.is_main:
+                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
                     result.checkpoint = self.save(done)
                 result.step = done
             result.step = end
             validated_at_end = bool(result.history) and result.history[-1]["step"] == end  # stopped early
             if not validated_at_end and (start < end or not result.val):
                 self._validate(end, log, bar, result)
-            if self.is_main:
-                result.checkpoint = self.save(end)
+            result.checkpoint = self.save(end)
         finally:
             if bar is not None:
                 bar.close()
@@ -467,6 +591,8 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             batch = to_device(self.batcher.train_batch(step, micro), self.device)
             sync = micro == cfg.grad_accum - 1
+            if self.sharded:  # FSDP2: reduce-scatter the gradients after the last micro-batch only
+                self.model.set_requires_gradient_sync(sync)
             ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else nullcontext()
             with ctx:
                 with self.autocast:
@@ -475,7 +601,8 @@ class Trainer:
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() / cfg.grad_accum
         if cfg.grad_clip > 0:
-            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip, foreach=True).detach()
+            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip, foreach=True)
+            sums["grad_norm"] = local_tensor(norm).detach()  # sharded gradients: the norm of the whole
         bad = self._nonfinite(sums)
         if self._fused_optimizer():
             # the fused AdamW kernel skips the whole update (weights, moments, step count) where found_inf
@@ -554,8 +681,7 @@ class Trainer:
                 raise ConfigError(f"train.best_metric '{name}' is not a dev metric; dev metrics: {', '.join(values)}")
             if self._improved(values[name]):
                 self.best.update(value=values[name], step=step, bad_evals=0)
-                if self.is_main:
-                    result.best_checkpoint = self._save_best(step)
+                result.best_checkpoint = self._save_best(step)
             else:
                 self.best["bad_evals"] += 1
             values = {**values, f"best_{name}": self.best["value"]}
