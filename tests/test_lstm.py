@@ -69,14 +69,17 @@ def test_forward_equals_the_equations(cell, tie, d_hidden):
     with torch.no_grad():
         states, logits = hand_unroll(model, ids)
         torch.testing.assert_close(model(ids), logits, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(model.encode(ids), states, atol=1e-5, rtol=1e-5)
+        # encode: everything but the decoder (the projection to d_model included when tying adds one)
+        enc = states if model.proj is None else model.proj(states)
+        torch.testing.assert_close(model.encode(ids), enc, atol=1e-5, rtol=1e-5)
+        assert model.encode(ids).shape[-1] == model.hidden_size == (12 if tie else d_hidden)
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_each_cell_equals_torch_stepped_one_token_at_a_time(cell):
     """A separate torch.nn.RNN/GRU/LSTM and a stack of torch.nn.*Cell, holding our weights and fed one
     token at a time with the state carried by hand, give our top-layer states."""
-    model = tiny(cell=cell)
+    model = tiny(cell=cell, tie_embeddings=False)  # untied: encode is the top layer's states themselves
     ids = torch.randint(0, 50, (3, 9))
     B, T, L, H = 3, 9, 2, 16
     with torch.no_grad():
@@ -109,7 +112,7 @@ def test_each_cell_equals_torch_stepped_one_token_at_a_time(cell):
 
 def test_rnn_cell_is_the_textbook_formula_with_one_bias():
     """h_t = tanh(W_hh h_{t-1} + W_xh x_t + b): torch's two bias vectors act only through their sum."""
-    model = tiny(cell="rnn", n_layer=1)
+    model = tiny(cell="rnn", n_layer=1, tie_embeddings=False)
     ids = torch.randint(0, 50, (2, 5))
     with torch.no_grad():
         before = model.encode(ids)
@@ -245,3 +248,12 @@ def test_trains_with_the_clm_objective(cell):
         opt.step()
         first = first or loss.item()
     assert loss.item() < 0.2 * first
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_encode_width_is_what_task_heads_are_built_for(cell):
+    """Fine-tuning sizes its head from the backbone; a tied recurrent model's encode is d_model wide."""
+    from lmforge.tasks.base import hidden_size
+
+    model = tiny(cell=cell, d_hidden=20)  # tied, so a projection 20 -> 12 feeds the decoder
+    assert model.encode(torch.randint(0, 50, (2, 4))).shape == (2, 4, hidden_size(model)) == (2, 4, 12)

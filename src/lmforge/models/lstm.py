@@ -17,10 +17,11 @@ The recurrent module is registered under the cell's name (`rnn.*`, `gru.*`, `lst
 dict), so LSTM checkpoints written before the cell was a choice load unchanged (`cell` defaults to lstm).
 
 It speaks the same interface as the GPT so that the CLM objective and `lmforge.generation.generate`
-work unchanged: `model(input_ids)` -> logits (B, T, vocab); `encode(input_ids)` -> the top layer's
-hidden states (B, T, d_hidden) without the LM head; `new_cache(...)` gives a recurrent-state cache that
-`forward` updates in place, with `reorder(index)` for beam search; padded positions (attention_mask ==
-0, e.g. a left-padded prompt) leave the state unchanged.
+work unchanged: `model(input_ids)` -> logits (B, T, vocab); `encode(input_ids)` -> hidden states
+(B, T, hidden_size) without the LM head (d_model wide when the embeddings are tied, as by default);
+`new_cache(...)` gives a recurrent-state cache that `forward` updates in place, with `reorder(index)`
+for beam search; padded positions (attention_mask == 0, e.g. a left-padded prompt) leave the state
+unchanged.
 """
 from __future__ import annotations
 
@@ -137,8 +138,8 @@ class LSTMLM(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        """Width of `encode`'s output."""
-        return self.config.d_hidden
+        """Width of `encode`'s output: d_model when the embeddings are tied, else d_hidden."""
+        return self.config.d_model if self.config.tie_embeddings else self.config.d_hidden
 
     def new_cache(self, batch_size: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None) -> LSTMCache:
@@ -149,7 +150,8 @@ class LSTMLM(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The top recurrent layer's hidden states (B, T, d_hidden), without the LM head.
+        """Hidden states (B, T, hidden_size) without the LM head: the top recurrent layer's states, through
+        the projection to d_model when tied embeddings need one (the decoder's input, before its dropout).
 
         Args:
             input_ids: (B, T) token ids.
@@ -157,7 +159,8 @@ class LSTMLM(nn.Module):
                 it; across left (or inner) padding the state is carried unchanged.
             token_type_ids: ignored (accepted so that every backbone takes the same arguments).
         """
-        return self._hidden(input_ids, attention_mask, None)
+        out = self._hidden(input_ids, attention_mask, None)
+        return out if self.proj is None else self.proj(out)
 
     def forward(
         self,
