@@ -400,7 +400,8 @@ def main() -> None:
         load = os.getloadavg()[0]
         append_results(f"Serving load test, issue 13 (`{command.strip()}`)",
                        f"{shape} shape, prompts of {args.input_len} random token ids, {args.output_len} output tokens "
-                       f"(ignore_eos), temperature 1, streamed; 1-minute load average at the end {load:.1f}.\n\n" + text)
+                       f"(ignore_eos), temperature 1, streamed; every server on {args.threads} torch thread(s) "
+                       f"(the line above is the client's); 1-minute load average at the end {load:.1f}.\n\n" + text)
 
 
 if __name__ == "__main__":

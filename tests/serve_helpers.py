@@ -181,3 +181,32 @@ def make_tagger(d: Path, steps: int = 40) -> Path:
                           "--tokenizer", str(d / "tok.json"), *TASK_BERT, *TRAIN, "--train.max_steps", str(steps),
                           "--train.eval_every", str(steps), "--name", "ner", "--runs_dir", str(d / "runs")])
     return d / "runs" / "ner"
+
+
+def make_qa(d: Path, steps: int = 20) -> Path:
+    """An extractive QA model (SQuAD v1.1 files: "where did NAME go ?" -> the place) fine-tuned from scratch."""
+    import json
+    import random
+
+    from lmforge.cli import run_verb
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(120):
+        name, place = rng.choice(["alice", "bob", "carol"]), rng.choice(["paris", "rome", "oslo"])
+        rows.append((f"{name} went to {place} yesterday .", f"where did {name} go ?", place))
+
+    def squad(path: Path, part: list) -> None:
+        data = [{"title": "t", "paragraphs": [{"context": c, "qas": [
+            {"id": str(i), "question": q, "answers": [{"text": a, "answer_start": c.index(a)}]}]}]}
+            for i, (c, q, a) in enumerate(part)]
+        path.write_text(json.dumps({"version": "1.1", "data": data}), encoding="utf-8")
+
+    d.mkdir(parents=True, exist_ok=True)
+    squad(d / "train.json", rows[:100])
+    squad(d / "dev.json", rows[100:])
+    train_tokenizer([" ".join(r[:2]) for r in rows], kind="wordpiece", vocab_size=60, min_frequency=1).save(d / "tok.json")
+    run_verb("finetune", ["--task", "qa", "--data.train", str(d / "train.json"), "--data.dev", str(d / "dev.json"),
+                          "--tokenizer", str(d / "tok.json"), *TASK_BERT, *TRAIN, "--train.max_steps", str(steps),
+                          "--train.eval_every", str(steps), "--name", "qa", "--runs_dir", str(d / "runs")])
+    return d / "runs" / "qa"

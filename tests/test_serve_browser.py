@@ -3,6 +3,7 @@ them): type a prompt and see the streamed text, fill a mask and see the candidat
 show attention; and the page logs no console errors."""
 from __future__ import annotations
 
+import importlib
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ from lmforge.serve.app import build_app, build_engines
 from lmforge.serve.config import EngineOptions, Limits
 from lmforge.serve.metrics import Metrics
 
-from serve_helpers import Server, make_bert, make_classifier, make_gpt, make_tagger, post
+from serve_helpers import Server, make_bert, make_classifier, make_gpt, make_qa, make_tagger, post
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -134,17 +135,22 @@ def test_playground_reports_errors_on_the_page(server, browser):
 def task_server(tmp_path_factory):
     pytest.importorskip("lmforge.tasks")
     d = tmp_path_factory.mktemp("serve_browser_tasks")
-    engines = build_engines([f"sentiment={make_classifier(d / 'cls')}", f"ner={make_tagger(d / 'ner')}"])
+    models = [f"sentiment={make_classifier(d / 'cls')}", f"ner={make_tagger(d / 'ner')}"]
+    if "qa" in importlib.import_module("lmforge.tasks").TASKS:
+        models.append(f"qa={make_qa(d / 'qa', steps=40)}")
+    engines = build_engines(models)
     srv = Server(build_app(engines))
     yield srv
     srv.stop()
 
 
 def test_playground_task_models(task_server, browser):
-    """Classification probabilities as bars; entities highlighted in the text at their character offsets."""
+    """Classification probabilities as bars; entities highlighted in the text at their character offsets;
+    the answer span highlighted in the context."""
     browser.get_log("browser")  # start with an empty console
     browser.get(task_server.url + "/")
-    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == 2)
+    n_models = len(task_server.app.state.engines)
+    _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model option")) == n_models)
     _choose(browser, "sentiment")
     assert browser.find_element(By.ID, "panel-classify").is_displayed()
     _set(browser, "classify-text", "the film was great")
@@ -169,4 +175,18 @@ def test_playground_task_models(task_server, browser):
             for m in marks] == [text[e["start"]:e["end"]] for e in entities]
     assert browser.find_element(By.CSS_SELECTOR, "#tag-output p.highlighted").text.replace("\n", "") \
         .startswith("yesterday ")
+
+    if "qa" in task_server.app.state.engines:  # the answer span highlighted in the context
+        _choose(browser, "qa")
+        assert browser.find_element(By.ID, "panel-qa").is_displayed()
+        question, context = "where did bob go ?", "bob went to rome yesterday ."
+        _set(browser, "qa-question", question)
+        _set(browser, "qa-context", context)
+        browser.find_element(By.ID, "qa").click()
+        _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#qa-output p"))
+        answer = post(task_server.port, "/v1/qa", {"model": "qa", "inputs": [{"question": question,
+                                                                              "context": context}]})[1]["data"][0]
+        marks = browser.find_elements(By.CSS_SELECTOR, "#qa-output mark")
+        assert answer["start"] is not None and len(marks) == 1
+        assert marks[0].text.startswith(context[answer["start"]:answer["end"]])
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -218,11 +218,23 @@ def test_disconnect_mid_stream_cancels_only_that_request(paths):
 
 # ---- queue, deadline ----------------------------------------------------------------------------------------
 def test_full_queue_answers_429_with_retry_after(paths):
+    """max_batch 1, max_queue 1: one runs, one waits, the next is told to retry; a waiting request whose
+    client leaves is dropped without running."""
     srv = _server(paths, names=("rope",), options=EngineOptions(max_batch=1, max_model_len=3000), max_tokens=2500,
                   max_queue=1)
     undo = _slow(srv.engine("rope"), 0.002)
     try:
         running = _open_stream(srv.port, {"model": "rope", "prompt": "once", "max_tokens": 2500, "stream": True})
+        # a queued request whose client leaves is dropped from the queue without running
+        leaving = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
+        data = json.dumps({"model": "rope", "prompt": "bye", "max_tokens": 3}).encode()
+        leaving.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        wait_for(lambda: metric(srv.port, "lmforge_queue_depth", model="rope") == 1, what="it to queue")
+        leaving.close()
+        wait_for(lambda: metric(srv.port, "lmforge_queue_depth", model="rope") == 0, what="it to leave the queue")
+        assert metric(srv.port, "lmforge_running_rows", model="rope") == 1  # the running stream goes on
+
         queued: list = []
         t = threading.Thread(target=lambda: queued.append(post(srv.port, C, {"model": "rope", "prompt": "hi",
                                                                              "max_tokens": 3})))
@@ -234,6 +246,7 @@ def test_full_queue_answers_429_with_retry_after(paths):
         running.close()  # frees the row: the queued request runs
         t.join(120)
         assert queued[0][0] == 200
+        assert metric(srv.port, "lmforge_cancelled_total", model="rope", reason="disconnect") == 2
     finally:
         undo()
         srv.stop()

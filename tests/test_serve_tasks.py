@@ -1,7 +1,9 @@
-"""`/v1/classify` and `/v1/tag` serve fine-tuned task models (made here with `lmforge finetune`) exactly as
-the library's `load_task_model(path).predict` answers; a model asked for the wrong kind of input, or a
-task it does not do, gets a clear 4xx."""
+"""`/v1/classify`, `/v1/tag` (and `/v1/qa` once the QA task lands) serve fine-tuned task models (made here
+with `lmforge finetune`) exactly as the library's `load_task_model(path).predict` answers; a model asked
+for the wrong kind of input, or a task it does not do, gets a clear 4xx."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -9,7 +11,7 @@ from lmforge.serve.app import build_app, build_engines
 from lmforge.serve.config import Limits
 from lmforge.serve.metrics import Metrics
 
-from serve_helpers import Server, make_classifier, make_tagger, post
+from serve_helpers import Server, make_classifier, make_qa, make_tagger, post, request
 
 tasks = pytest.importorskip("lmforge.tasks")
 
@@ -30,9 +32,6 @@ def server(runs):
 
 
 def test_models_describe_their_task(server):
-    from serve_helpers import request
-    import json
-
     data = {m["id"]: m for m in json.loads(request(server.port, "GET", "/v1/models")[2])["data"]}
     assert data["sentiment"]["capabilities"] == ["classify"] and data["sentiment"]["labels"] == ["neg", "pos"]
     assert data["ner"]["capabilities"] == ["tag"] and data["ner"]["labels"][0] == "O"
@@ -80,3 +79,24 @@ def test_tag_equals_the_library_with_character_offsets(server, runs):
 def test_task_bad_requests(server, path, body, status, message):
     code, r = post(server.port, path, body)
     assert code == status and message in r["error"]["message"], r
+
+
+def test_qa_equals_the_library(tmp_path):
+    """Span QA: the answer and its character offsets in the context, as the library's predictor gives them."""
+    if "qa" not in tasks.TASKS:
+        pytest.skip("the 'qa' task is not in lmforge.tasks yet")
+    run = make_qa(tmp_path / "qa")
+    inputs = [{"question": "where did bob go ?", "context": "bob went to rome yesterday ."},
+              {"question": "where did alice go ?", "context": "alice went to oslo yesterday ."}]
+    expected = tasks.load_task_model(run).predict(inputs)
+    srv = Server(build_app(build_engines([f"qa={run}"])))
+    try:
+        status, r = post(srv.port, "/v1/qa", {"model": "qa", "inputs": inputs})
+        assert status == 200 and r["data"] == [dict(p, index=i) for i, p in enumerate(expected)]
+        for item, x in zip(r["data"], inputs):
+            if item["start"] is not None:
+                assert x["context"][item["start"]:item["end"]] == item["answer"]
+        status, r = post(srv.port, "/v1/qa", {"model": "qa", "inputs": [{"question": "where ?", "contxt": "x"}]})
+        assert status == 400 and "unknown field 'inputs[0].contxt' (did you mean 'context'?)" in r["error"]["message"]
+    finally:
+        srv.stop()

@@ -1,8 +1,10 @@
 """`lmforge serve`: one OpenAI-compatible HTTP server for every lmforge model, with a playground.
 
     app.py      the FastAPI app: routes, playground page, API key, error answers, metrics, lifecycle
-    routes.py   parse and check requests, call the engine, shape OpenAI-style answers
+    routes.py   check requests, call the engine, shape OpenAI-style answers
+    bodies.py   request bodies (strict pydantic models) and one-line errors for bad ones
     engine.py   one engine per model: its queue, its model thread, batching of every kind of job
+    loading.py  what a served model is and what it can do
     batcher.py  continuous batching of completions over the model's KV cache
     metrics.py  Prometheus metrics
     config.py   `Limits` (what a request may ask) and `EngineOptions` (how a model is run)

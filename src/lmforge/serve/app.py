@@ -27,7 +27,8 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.serve.config import EngineOptions, Limits
 from lmforge.serve.engine import DeadlineExceeded, Engine, EngineFailed, QueueFull, ShuttingDown
 from lmforge.serve.metrics import Metrics
-from lmforge.serve.routes import ApiError, _ClientGone, error_of, router
+from lmforge.serve.bodies import ApiError
+from lmforge.serve.routes import _ClientGone, error_of, router
 
 log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"

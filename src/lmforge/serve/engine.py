@@ -20,7 +20,6 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,12 +27,12 @@ import torch
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.serve.batcher import DecodeBatch, Emitted, Row, Sampling
 from lmforge.serve.config import EngineOptions, Limits
+from lmforge.serve.loading import load_model
 
 log = logging.getLogger("lmforge.serve")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CONTEXT = 2048  # cache positions per row for a model without a fixed context (rotary positions)
-TASK_CAPABILITY = {"classify": "classify", "pair": "classify", "tag": "tag", "qa": "qa"}
 
 
 class QueueFull(Exception):
@@ -54,55 +53,6 @@ class DeadlineExceeded(Exception):
 
 class EngineFailed(Exception):
     """The model raised while running this request (a bug, or out of memory); other requests go on."""
-
-
-# ---- loading ----------------------------------------------------------------------------------------------
-def _task_name(source: str) -> str | None:
-    """The fine-tuned task of an lmforge run or checkpoint directory, or None for a base model."""
-    from lmforge.interop.hf import is_hf_dir
-    from lmforge.interop.minilm import SOURCES
-
-    if source in SOURCES or not Path(source).exists() or is_hf_dir(source):
-        return None
-    from lmforge.train.checkpoint import load_config
-
-    task = load_config(source).get("task")
-    return task.get("name") if isinstance(task, dict) else None
-
-
-def load_model(source: str, device: str | torch.device) -> dict[str, Any]:
-    """What an engine serves from `source`: {model, tokenizer, config, predictor, capabilities, kind}."""
-    import lmforge
-
-    task = _task_name(source)
-    if task is not None:
-        try:
-            from lmforge.tasks import load_task_model
-        except ImportError:
-            raise ConfigError(f"{source}: a fine-tuned '{task}' model, but this lmforge cannot load task models") from None
-        predictor = load_task_model(source, device=device)
-        cap = TASK_CAPABILITY.get(predictor.task)
-        if cap is None:
-            raise ConfigError(f"{source}: task '{predictor.task}' cannot be served (served: {', '.join(TASK_CAPABILITY)})")
-        return {"model": None, "tokenizer": None, "config": getattr(predictor, "config", {}), "predictor": predictor,
-                "capabilities": [cap], "kind": f"{predictor.task} task model"}
-    model, tokenizer, config = lmforge.load(source, device)
-    arch = config.get("arch")
-    caps: list[str] = []
-    if arch == "gpt":
-        caps = ["completions", "attention"]
-    elif arch == "lstm":
-        caps = ["completions"]
-    elif arch == "bert":
-        caps = ["embeddings", "attention"]
-        no_mlm = "MLM head" in (config.get("interop") or {}).get("random_init", [])
-        simcse_only = config.get("objective") == "simcse" and not config.get("init_from")
-        if not (no_mlm or simcse_only) and tokenizer.mask_id is not None:
-            caps.insert(1, "fill-mask")
-    if not caps:
-        raise ConfigError(f"{source}: an {arch} model has nothing to serve")
-    return {"model": model, "tokenizer": tokenizer, "config": config, "predictor": None, "capabilities": caps,
-            "kind": f"{arch} model"}
 
 
 # ---- requests ---------------------------------------------------------------------------------------------
