@@ -5,6 +5,7 @@ route, /healthz follows the engine's loop, and SIGTERM lets a running stream fin
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -418,3 +419,22 @@ def test_a_failing_model_call_fails_its_requests_only(paths):
     finally:
         engine.batch.step = step
         srv.stop()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--api_key", "a", "--api_key_file", "k.txt"], "give --api_key or --api_key_file, not both"),
+    (["--api_key_file", "missing.txt"], "missing.txt: API key file not found"),
+    (["--api_key_file", "empty.txt"], "empty.txt: the API key file is empty"),
+    (["--api_key", "has space"], "the API key must be non-empty and hold no spaces"),
+    (["--port", "70000"], "port must be in 0..65535"),
+    (["--device", "gpu7"], "device: 'gpu7' is not a device"),
+])
+def test_serve_option_errors(paths, tmp_path, monkeypatch, extra, message):
+    from lmforge.cli import run_verb
+    from lmforge.errors import LmforgeError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "k.txt").write_text("key\n")
+    with pytest.raises(LmforgeError, match=re.escape(message)):
+        run_verb("serve", [str(paths["gpt"]), *extra])
