@@ -152,7 +152,7 @@ def test_seed_gives_the_same_text_alone_or_batched(server, gpt):
     try:
         long_status = []
         long = threading.Thread(target=lambda: long_status.append(post(server.port, "/v1/completions", {
-            "model": "gpt", "prompt": "a", "max_tokens": 120, "temperature": 0})[0]), daemon=True)
+            "model": "gpt", "prompt": "a", "max_tokens": 120, "temperature": 0, "ignore_eos": True})[0]), daemon=True)
         long.start()
         wait_for(lambda: metric(server.port, "lmforge_running_rows", model="gpt") >= 1, what="the long request to run")
         results: dict[int, str] = {}
@@ -265,5 +265,31 @@ def test_recurrent_model_completions(tmp_path):
             want = generate(model, [tok.encode("the cat")], max_new_tokens=25, do_sample=True, seed=seed,
                             eos_token_id=tok.eos_id)[0]
             assert status == 200 and r["choices"][0]["text"] == tok.decode(want)
+    finally:
+        srv.stop()
+
+
+def test_prefill_budget_admits_in_turns(paths, gpt):
+    """With a prefill budget of one prompt token per call, joining prompts are prefilled one per step (the
+    first always goes in), and every seeded answer is still `generate`'s."""
+    srv = Server(build_app(build_engines([f"gpt={paths['gpt']}"], options=EngineOptions(max_batch=8, prefill_tokens=1))))
+    add = srv.engine("gpt").batch.add
+    sizes: list[int] = []
+    srv.engine("gpt").batch.add = lambda groups: sizes.append(len(groups)) or add(groups)
+    try:
+        prompts = ["the cat", "hello world", "once upon a time", "the movie"]
+        results = {}
+
+        def one(i):
+            results[i] = post(srv.port, "/v1/completions", {"model": "gpt", "prompt": prompts[i], "max_tokens": 20,
+                                                             "temperature": 1.0, "seed": i})[1]
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sizes and max(sizes) == 1
+        for i in range(4):
+            assert results[i]["choices"][0]["text"] == _reference(gpt, prompts[i], 20, 1.0, seed=i)
     finally:
         srv.stop()

@@ -49,13 +49,17 @@ class EngineOptions:
             batch between decoding steps. 1 turns batching off (one row at a time, first come first served).
         max_model_len: KV-cache positions per row (prompt + completion); default: the model's context
             (2048 for a model without a fixed one, e.g. rotary positions).
+        prefill_tokens: prompt tokens prefilled in one call; more joining prompts wait for the next step. It
+            bounds how long one call holds up the running rows' next token (and /healthz's answer).
         dtype: weights and KV cache in fp32 (as trained), or bf16 / fp16 (GPU).
         job_batch: texts run together for embeddings, fill-mask and task models.
-        health_timeout_s: /healthz reports an engine dead when its loop has not come round in this long.
+        health_timeout_s: /healthz reports an engine unresponsive when its loop has not come round in this
+            long (between two model calls; a single call longer than this reads as stuck).
     """
 
     max_batch: int = 32
     max_model_len: Optional[int] = None
+    prefill_tokens: int = 4096
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     job_batch: int = 64
     health_timeout_s: float = 10.0
@@ -65,6 +69,8 @@ class EngineOptions:
             raise ConfigError(f"engine.max_batch must be a positive integer, got {self.max_batch!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ConfigError(f"engine.max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if not isinstance(self.prefill_tokens, int) or self.prefill_tokens < 1:
+            raise ConfigError(f"engine.prefill_tokens must be a positive integer, got {self.prefill_tokens!r}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"engine.dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
         if not isinstance(self.job_batch, int) or self.job_batch < 1:

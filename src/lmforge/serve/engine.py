@@ -399,19 +399,22 @@ class Engine:
 
     def _admit(self) -> list[list[Row]]:
         """Rows of waiting completions for the free rows of the batch, first come first served, grouped by
-        prompt (a prompt's choices are prefilled once)."""
-        free = self.batch.free
+        prompt (a prompt's choices are prefilled once), up to engine.prefill_tokens prompt tokens per call
+        (the first prompt always goes in; the rest wait for the next step)."""
+        free, budget = self.batch.free, self.options.prefill_tokens
         groups: list[list[Row]] = []
         while self._waiting and free:
             gen = self._waiting[0]
-            take = gen.rows[gen.next_row:gen.next_row + free]
-            gen.next_row += len(take)
-            free -= len(take)
-            for r in take:
-                if groups and groups[-1][0].owner is gen and groups[-1][0].prompt is r.prompt:
-                    groups[-1].append(r)
-                else:
-                    groups.append([r])
+            row = gen.rows[gen.next_row]
+            if groups and groups[-1][0].owner is gen and groups[-1][0].prompt is row.prompt:
+                groups[-1].append(row)
+            elif groups and len(row.prompt) > budget:
+                break
+            else:
+                budget -= len(row.prompt)
+                groups.append([row])
+            gen.next_row += 1
+            free -= 1
             if gen not in self._running:
                 self._running.append(gen)
             if gen.next_row == len(gen.rows):
