@@ -7,6 +7,7 @@ keep the best checkpoint (`runs/<name>/best`), score the test file with it.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -100,6 +101,7 @@ def finetune(
     from lmforge.models.task_model import TaskModel
     from lmforge.tasks import get_task
     from lmforge.tasks.base import evaluate_features, hidden_size, pad_id_of, scalar_metrics
+    from lmforge.train.distributed import apply_parallel, setup_distributed
     from lmforge.train.trainer import Trainer, resolve_device
 
     record = get_task(task)
@@ -118,8 +120,13 @@ def finetune(
     from lmforge.recipes.pretrain import RUN_OUTPUTS, run_directory
 
     name = name or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, resume = run_directory(runs_dir, name, resume=resume, overwrite=overwrite)
-    device = resolve_device(train_cfg.device)  # a device this machine lacks is refused before any work
+    resolve_device(train_cfg.device)  # a device this machine lacks is refused before any work
+    rank, world_size, local_rank = setup_distributed()  # under torchrun: each process trains its slice
+    if world_size > 1 and train_cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        train_cfg = replace(train_cfg, device=f"cuda:{local_rank}")
+    quiet = quiet or rank != 0
+    run_dir, resume = run_directory(runs_dir, name, resume=resume, overwrite=overwrite, rank=rank)
+    device = resolve_device(train_cfg.device)
 
     # -- data: labels come from the training split only ---------------------------------------------
     train_ex = record.read(data.train, data)
@@ -161,7 +168,7 @@ def finetune(
     pad = pad_id_of(tok)
     collate = lambda fs: record.collate(fs, pad)  # noqa: E731
     batcher = TaskBatcher(features, collate, batch_size=train_cfg.batch_size, seed=train_cfg.seed,
-                          grad_accum=train_cfg.grad_accum)
+                          grad_accum=train_cfg.grad_accum, rank=rank, world_size=world_size)
     if epochs is not None:
         train_cfg = replace(train_cfg, max_steps=max(1, math.ceil(epochs * batcher.steps_per_epoch())))
     if warmup_ratio is not None:
@@ -189,19 +196,23 @@ def finetune(
 
     from lmforge.config import save_yaml
 
-    for old in (run_dir / n for n in RUN_OUTPUTS if overwrite):  # everything is checked: replace the old run
-        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(run_config, run_dir / "config.yaml")
+    trainer = Trainer(net, record, batcher, train_cfg, run_dir, run_config=run_config, tokenizer=tok,
+                      rank=rank, world_size=world_size, evaluator=evaluator if dev_ex is not None else None,
+                      parallelize=lambda m: apply_parallel(m, train_cfg.parallel, device, world_size))
+    if resume is not None:  # a changed global batch or data is refused before the run folder is touched
+        trainer.check_resume(resume)
+    if rank == 0:
+        for old in (run_dir / n for n in RUN_OUTPUTS if overwrite):  # everything is checked: replace the old run
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(run_config, run_dir / "config.yaml")
     if not quiet:
         print(f"{task}: {len(train_ex):,} training examples ({stats.truncated} truncated to {data.max_length} tokens), "
               f"{len(labels)} labels; {'dev ' + str(len(dev_ex)) + ' examples; ' if dev_ex else ''}"
-              f"from {started_from}; {train_cfg.max_steps} steps of {train_cfg.batch_size * train_cfg.grad_accum}; "
+              f"from {started_from}; {train_cfg.max_steps} steps of {train_cfg.batch_size * train_cfg.grad_accum * world_size}; "
               f"device {device}; run dir {run_dir}", flush=True)
         if stats.extra:  # what featurizing counted (qa: windows, unlocated answers, ...)
             print("  training features: " + ", ".join(f"{k} {v}" for k, v in stats.extra.items()), flush=True)
-    trainer = Trainer(net, record, batcher, train_cfg, run_dir, run_config=run_config, tokenizer=tok,
-                      evaluator=evaluator if dev_ex is not None else None)
     start = time.perf_counter()
     result = trainer.fit(resume=resume)
     wall = time.perf_counter() - start
@@ -211,7 +222,7 @@ def finetune(
         "train_stats": stats.as_dict(), "dev_stats": dev_stats.as_dict() if dev_stats else None,
         "checkpoint": str(result.best_checkpoint or result.checkpoint),
     }
-    if test_ex is not None:
+    if test_ex is not None and rank == 0:
         from lmforge.tasks.base import load_task_checkpoint, task_checkpoint
 
         best_model, _, _ = load_task_checkpoint(task_checkpoint(run_dir), device)
@@ -226,4 +237,8 @@ def finetune(
                   f"({run_dir / 'best'})", flush=True)
         if "test" in summary:
             print("test: " + "  ".join(f"{k} {v:.4f}" for k, v in summary["test"].items()), flush=True)
+    if world_size > 1 and os.environ.get("LMFORGE_KEEP_PG") is None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return summary
