@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
+import time
 
 import pytest
 
@@ -76,18 +77,24 @@ def test_playground(server, browser):
     _set(browser, "max-tokens", 60)
     _set(browser, "temperature", 0.9)
     _set(browser, "seed", 42)
-    browser.execute_script("""  // record every length the output goes through while it streams
-        window.__lengths = [];
-        new MutationObserver(() => window.__lengths.push(document.getElementById('completion-output').textContent.length))
+    browser.execute_script("""  // record when the output changes while it streams
+        window.__updates = [];
+        new MutationObserver(() => window.__updates.push(performance.now()))
             .observe(document.getElementById('completion-output'), {childList: true, characterData: true, subtree: true});""")
-    browser.find_element(By.ID, "generate").click()
-    _wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("done"))
+    batch = server.engine("gpt").batch
+    step = batch.step
+    batch.step = lambda drop=(): time.sleep(0.01) or step(drop)  # tokens 10 ms apart at least: visibly streamed
+    try:
+        browser.find_element(By.ID, "generate").click()
+        _wait(browser, lambda d: d.find_element(By.ID, "status").text.startswith("done"))
+    finally:
+        batch.step = step
     shown = browser.find_element(By.ID, "completion-output").get_attribute("textContent")
     expected = post(server.port, "/v1/completions", {"model": "gpt", "prompt": "once upon a time", "max_tokens": 60,
                                                      "temperature": 0.9, "top_p": 0.95, "seed": 42})[1]
     assert shown == expected["choices"][0]["text"]
-    lengths = [n for n in browser.execute_script("return window.__lengths") if n]
-    assert len(set(lengths)) > 1  # it grew piece by piece: streamed
+    updates = browser.execute_script("return window.__updates")  # times (ms) the output changed
+    assert len(updates) > 5 and updates[-1] - updates[1] > 100  # it grew piece by piece over time: streamed
 
     # a BERT masked LM: fill a mask, see the candidates with their probabilities
     _choose(browser, "bert")
