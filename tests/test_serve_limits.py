@@ -183,7 +183,7 @@ def _open_stream(port: int, body: dict) -> socket.socket:
 
 def test_disconnect_mid_stream_cancels_only_that_request(paths):
     srv = _server(paths, names=("rope",), options=EngineOptions(max_batch=4, max_model_len=3000), max_tokens=2500)
-    undo = _slow(srv.engine("rope"), 0.002)
+    undo = _slow(srv.engine("rope"), 0.005)
     try:
         s = _open_stream(srv.port, {"model": "rope", "prompt": "once", **LONG, "temperature": 0, "stream": True})
         other: list = []
@@ -223,7 +223,7 @@ def test_full_queue_answers_429_with_retry_after(paths):
     client leaves is dropped without running."""
     srv = _server(paths, names=("rope",), options=EngineOptions(max_batch=1, max_model_len=3000), max_tokens=2500,
                   max_queue=1)
-    undo = _slow(srv.engine("rope"), 0.002)
+    undo = _slow(srv.engine("rope"), 0.005)
     try:
         running = _open_stream(srv.port, {"model": "rope", "prompt": "once", **LONG, "stream": True})
         # a queued request whose client leaves is dropped from the queue without running
