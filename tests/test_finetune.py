@@ -328,3 +328,19 @@ def test_classify_on_a_gpt_backbone_pools_the_mean(cls_data, tmp_path):
     summary = run_verb("finetune", args)
     assert "pooling: mean" in (tmp_path / "runs" / "gpt" / "config.yaml").read_text()
     assert summary["best"]["value"] >= 0.9
+
+
+def test_column_names_starting_with_hash(tmp_path):
+    """MRPC's columns are '#1 String' and '#2 String': on the command line they stay text (YAML would read a
+    value starting with '#' as a comment, i.e. nothing)."""
+    rng = random.Random(5)
+    rows = [(sentence(rng, "pos"), sentence(rng, lab), lab) for lab in (rng.choice(["pos", "neg"]) for _ in range(40))]
+    write_table(tmp_path / "t.tsv", rows, header=("#1 String", "#2 String", "Quality"))
+    tok = train_tokenizer([r[0] + " " + r[1] for r in rows], kind="wordpiece", vocab_size=100, min_frequency=1)
+    tok.save(tmp_path / "tok.json")
+    summary = run_verb("finetune", ["--task", "pair", "--data.train", str(tmp_path / "t.tsv"), "--data.text", "#1 String",
+                                    "--data.text_pair", "#2 String", "--data.label", "Quality", "--tokenizer",
+                                    str(tmp_path / "tok.json"), *TINY_BERT, "--train.max_steps", "2",
+                                    "--train.device", "cpu", "--train.progress", "false", "--name", "p",
+                                    "--runs_dir", str(tmp_path / "runs")])
+    assert summary["labels"] == ["neg", "pos"] and summary["train_stats"]["examples"] == 40

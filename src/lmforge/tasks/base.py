@@ -71,7 +71,9 @@ class TaskData:
     dev: Optional[str] = None
     test: Optional[str] = None
     text: Column = "text"
-    text_pair: Optional[Column] = None
+    # typed without Optional: jsonargparse reads an Optional value starting with '#' (MRPC's "#2 String") as
+    # a YAML comment, i.e. None; "" means no second text
+    text_pair: Column = ""
     label: Column = "label"
     header: Optional[bool] = None
     word_col: int = 0
@@ -85,6 +87,8 @@ class TaskData:
     separator: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.text_pair == "":
+            self.text_pair = None
         if self.max_length is not None and self.max_length < 3:
             raise ConfigError(f"data.max_length must be at least 3 (room for special tokens), got {self.max_length}")
         if self.doc_stride is not None and self.doc_stride < 1:
