@@ -26,10 +26,12 @@ class Objective(Protocol):
 
 
 class Batcher(Protocol):
-    """Produces batches deterministically: `train_batch(step, micro)` depends only on
-    (seed, step, micro, rank, world_size), which makes resume exact and sharding trivial.
+    """Produces batches deterministically: `train_batch(step, micro)` is process `rank`'s slice of a
+    global micro-batch (batch_size x world_size rows) that depends only on (seed, step, micro), so resume
+    is exact and N processes with batch_size B see the rows one process with N x B sees.
     `val_batches()` yields the same fixed batches every call (all of the validation split, or the
-    first `limit` batches)."""
+    first `limit` batches), each process its share. A batcher may name its data in `data_id` (a dict of
+    JSON values: token counts, sequence length, ...): checkpoints record it and a resume checks it."""
 
     tokens_per_batch: int  # tokens in one train micro-batch (for tokens/s)
 
@@ -50,7 +52,7 @@ class ObjectiveContext:
         self.train = train  # lmforge.data.shards.TokenShards of the train split
         self.val = val  # TokenShards of the validation split, or None
         self.seq_len = seq_len  # tokens per sequence (model context)
-        self.batch_size = batch_size  # sequences per micro-batch
+        self.batch_size = batch_size  # sequences per micro-batch per process
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
