@@ -444,6 +444,8 @@ class Trainer:
         optimizer and trainer state, and its global batch, micro-batches per step, data and seed must be
         this run's (any number of processes may continue it), unless train.allow_resume_mismatch.
         Every process reads trainer_state.json (the runs directory is on a file system all nodes see)."""
+        if getattr(self, "_checked", (None,))[0] == str(resume):  # the recipe checked it already
+            return self._checked[1]
         ckpt = find_checkpoint(resume)
         for name in ("optimizer.pt", "trainer_state.json"):
             if not (ckpt / name).is_file():
@@ -457,6 +459,7 @@ class Trainer:
         if changed and self.is_main:
             print(f"warning: --resume {ckpt}: {self._describe_changes(state, ours, changed)}; continuing "
                   f"(train.allow_resume_mismatch): this is no longer the same run", file=sys.stderr, flush=True)
+        self._checked = (str(resume), (ckpt, state))
         return ckpt, state
 
     def _describe_changes(self, state: dict[str, Any], ours: dict[str, Any], changed: list[str]) -> str:
