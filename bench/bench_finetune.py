@@ -248,6 +248,9 @@ def main() -> None:
     ap.add_argument("--only", choices=["lmforge", "lmforge-crf", "transformers"], default=None)
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_finetune"))
     ap.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run the contenders at the same time, one process each (fair on a busy machine)")
+    ap.add_argument("--curve-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.targets is None:
         args.targets = [0.8796, 0.90] if args.task == "sst2" else [0.7937, 0.85]
@@ -265,13 +268,30 @@ def main() -> None:
                       ("transformers", run_transformers_conll))
     else:
         contenders = (("lmforge", run_lmforge), ("transformers", run_transformers))
-    for name, fn in contenders:
+    if args.parallel and not args.only:
+        # each contender in its own process at the same time: on a shared machine both see the same load
+        import subprocess
+
+        procs = {}
+        for name, _ in contenders:
+            cmd = [sys.executable, __file__] + [a for a in sys.argv[1:] if a not in ("--parallel", "--append")] + \
+                  ["--only", name, "--curve-json", str(args.out.parent / f"{args.out.name}-{name}.json"),
+                   "--out", str(args.out.parent / f"{args.out.name}-{name}")]
+            procs[name] = subprocess.Popen(cmd)
+        for name, proc in procs.items():
+            if proc.wait() != 0:
+                raise SystemExit(f"{name} failed")
+            curves[name] = [tuple(x) for x in json.loads((args.out.parent / f"{args.out.name}-{name}.json").read_text())]
+    for name, fn in ([] if args.parallel and not args.only else contenders):
         if args.only and args.only != name:
             continue
         t = time.perf_counter()
         curves[name] = fn(args)
         print(f"{name}: {time.perf_counter() - t:.0f} s wall; curve (step, train s, {metric}): "
               + json.dumps([(s, round(x, 1), round(a, 4)) for s, x, a in curves[name]]), flush=True)
+        if args.curve_json:
+            Path(args.curve_json).write_text(json.dumps(curves[name]))
+            return
     rows = []
     for name, curve in curves.items():
         row = [name, f"{curve[-1][2]:.4f}", f"{curve[-1][1]:.0f}"]
