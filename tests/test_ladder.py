@@ -77,7 +77,7 @@ def test_curve_reads_train_seconds(tmp_path):
              {"step": 5, "split": "val", "loss": 2.5, "train_s": 1.5},
              {"step": 10, "split": "val", "loss": 2.0, "train_s": 3.0}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    assert _curve(tmp_path / "m.jsonl") == ([[1.5, 2.5], [3.0, 2.0]], 3.0)
+    assert _curve(tmp_path / "m.jsonl") == [[5, 1.5, 2.5], [10, 3.0, 2.0]]
 
 
 def test_ladder_end_to_end_report_and_resume(prepared, tmp_path, capsys):
@@ -111,8 +111,10 @@ def test_ladder_end_to_end_report_and_resume(prepared, tmp_path, capsys):
     assert rows["gpt"]["params"] == target and abs(rows["rnn"]["params"] - target) / target < 0.05
     for name in ("rnn", "gpt"):  # the steps are what the probed speed fits into the budget
         assert rows[name]["steps"] == max(1, int(0.3 * rows[name]["probe_tokens_per_s"] / (4 * 16)))
+        assert rows[name]["train_s"] <= 0.3 + 1e-9 or rows[name]["steps"] == 1
+        assert rows[name]["curve"][-1][0] == rows[name]["steps"] and rows[name]["wall_s"] == rows[name]["curve"][-1][1]
     assert len(rows["gpt"]["curve"]) >= 2 and not (out / ".probe").exists()
-    assert all(t2 >= t1 for (t1, _), (t2, _) in zip(rows["gpt"]["curve"], rows["gpt"]["curve"][1:]))
+    assert all(a[0] < b[0] and a[1] <= b[1] for a, b in zip(rows["gpt"]["curve"], rows["gpt"]["curve"][1:]))
     assert generate(row["run_dir"], prompt="the", max_new_tokens=4, strategy="greedy")
     # resuming reuses finished rungs as they are
     before = (out / "rnn" / "ladder.json").stat().st_mtime_ns

@@ -4,10 +4,10 @@ n-gram (Kneser-Ney, the best order) -> plain RNN -> GRU -> LSTM -> Transformer (
 on the same prepared token shards and scored on the same validation windows (those `pretrain` validates
 on: consecutive `seq_len`-token windows of the validation split, each token predicted from the tokens
 before it in its window), in nats per token. The neural rungs have about the same number of parameters
-(the GPT's; the recurrent hidden size is solved for it) and the same wall-time budget: short probes
-measure each rung's training speed (the best of a few, interleaved across the rungs, so that a busy
-moment of a shared machine does not hand one rung fewer steps), and its run gets as many steps as fit
-in `budget_s` (with its own cosine schedule). The n-gram rung is counted, once per order, and the best order is kept.
+(the GPT's; the recurrent hidden size is solved for it) and the same time budget: short probes measure
+each rung's time per training step (on CPU by CPU time, so that other jobs on a shared machine do not
+hand one rung fewer steps; on a GPU by wall time), and its run gets as many steps as fit in `budget_s`
+(with its own cosine schedule). The n-gram rung is counted, once per order, and the best order is kept.
 
 Writes OUT/report.md, OUT/report.json and OUT/val_loss_vs_time.png, and one ordinary run directory per
 rung (OUT/ngram, OUT/rnn, ...) that every verb reads (`lmforge generate OUT/gru`).
@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -107,7 +108,7 @@ def pretrain_ngram(
     run_dir = Path(runs_dir) / name
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ConfigError(f"{run_dir} already holds checkpoints; choose another --name")
-    net, count_s = _count(train_split.tokens, cfg)
+    net, count_s, _ = _count(train_split.tokens, cfg)
     val = {}
     if val_split is not None and len(val_split.tokens) > seq_len:
         loss = val_nats(net, val_windows(val_split.tokens, seq_len))
@@ -121,12 +122,13 @@ def pretrain_ngram(
             "train_tokens_per_s": len(train_split.tokens) / max(count_s, 1e-9), "count_s": count_s}
 
 
-def _count(tokens: np.ndarray, cfg) -> tuple[Any, float]:
+def _count(tokens: np.ndarray, cfg) -> tuple[Any, float, float]:
+    """(counted model, wall seconds, CPU seconds)."""
     from lmforge.models.ngram import NGramLM
 
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     net = NGramLM.count(np.asarray(tokens), cfg)
-    return net, time.perf_counter() - start
+    return net, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _write_ngram_run(run_dir: Path, net, tokenizer, data_path: str, seq_len: int, train: TrainConfig,
@@ -160,7 +162,7 @@ def ladder(
     curve_points: int = 10,
     curve_batches: int = 20,
     probe_steps: int = 30,
-    probe_rounds: int = 2,
+    probe_rounds: int = 1,
     resume: bool = False,
 ) -> dict[str, Any]:
     """Train every rung of the language-model ladder on one prepared dataset and report them side by side.
@@ -184,7 +186,8 @@ def ladder(
             the hidden size is solved so that the parameter count matches the GPT's).
         curve_points: validation points on each neural rung's curve.
         curve_batches: validation batches per curve point (the table scores the whole validation split).
-        probe_steps: steps of each speed probe (the probes set each neural rung's step count).
+        probe_steps: steps of each speed probe (the probes set each neural rung's step count; on CPU they
+            are timed by CPU time, so other jobs on the machine do not change a rung's share).
         probe_rounds: speed probes per neural rung, interleaved across the rungs; the fastest counts.
         resume: reuse the rungs OUT already finished (a rung is finished when OUT/RUNG/ladder.json exists).
 
@@ -339,9 +342,10 @@ def _ngram_rung(out_dir, train_tokens, windows, curve_windows, tokenizer, path, 
     tried, best = [], None
     for k in orders:
         cfg = model_config("ngram", {"vocab_size": V, "order": k, "smoothing": smoothing})
-        net, count_s = _count(train_tokens, cfg)
+        net, count_s, count_cpu_s = _count(train_tokens, cfg)
         loss = val_nats(net, windows)
-        row = {"order": k, "ngrams": sum(net.config.ngrams), "params": net.num_params(), "count_s": count_s, "val_nats": loss}
+        row = {"order": k, "ngrams": sum(net.config.ngrams), "params": net.num_params(), "count_s": count_s,
+               "count_cpu_s": count_cpu_s, "val_nats": loss}
         tried.append(row)
         print(f"[ngram] order {k}: val {loss:.4f} nats/token, {net.num_params():,} numbers, counted in {count_s:.1f} s",
               flush=True)
@@ -353,35 +357,47 @@ def _ngram_rung(out_dir, train_tokens, windows, curve_windows, tokenizer, path, 
     _write_ngram_run(out_dir / "ngram", net, tokenizer, path, seq_len, base_train, row["count_s"], len(train_tokens), val)
     curve = val_nats(net, curve_windows)
     return {"rung": "ngram", "model": f"order {row['order']} ({smoothing.replace('_', ' ')})", "params": row["params"],
-            "steps": 0, "train_tokens": len(train_tokens), "train_s": row["count_s"], "val_nats": row["val_nats"],
-            "ppl": val["ppl"], "curve": [[row["count_s"], curve]], "orders": tried, "run_dir": str(out_dir / "ngram")}
+            "steps": 0, "train_tokens": len(train_tokens), "train_s": row["count_cpu_s"], "wall_s": row["count_s"],
+            "val_nats": row["val_nats"], "ppl": val["ppl"], "curve": [[0, row["count_s"], curve]], "orders": tried,
+            "run_dir": str(out_dir / "ngram")}
 
 
 def _probe_speeds(out_dir: Path, rungs: list[str], configs, shared, data: DataConfig, probe_steps: int,
                   rounds: int) -> dict[str, float]:
-    """Training tokens per second of each rung on this machine: short runs, interleaved across the rungs
-    `rounds` times, each logging 3 windows of steps; the fastest window after the first (which holds the
-    start-up) counts. The best rather than the mean, so that other jobs on a shared machine at the moment
-    of one probe do not hand one rung more steps than another."""
+    """Training tokens per second of each rung: two short runs per round (probe_steps // 3 and probe_steps
+    steps; their difference cancels start-up, the validation batch and the checkpoint), rounds interleaved
+    across the rungs, the fastest round counting. On CPU the steps are timed by this process's CPU time per
+    torch thread, so that other jobs on a shared machine do not hand one rung fewer steps than another (on a
+    quiet machine with one thread that is the wall time); on a GPU by wall time."""
     from lmforge.recipes.pretrain import pretrain
+    from lmforge.train.trainer import resolve_device
 
     probe_dir = out_dir / ".probe"
-    every = max(1, probe_steps // 3)
+    short = max(1, probe_steps // 3)
     cfg = from_dict(TrainConfig, {**shared, "tensorboard": False, "progress": False, "save_every": 0,
-                                  "keep_checkpoints": 1, "max_steps": 3 * every, "decay_steps": None, "warmup_steps": 0,
-                                  "eval_every": 0, "eval_batches": 1, "log_every": every}, "train")
-    speeds: dict[str, float] = {r: 0.0 for r in rungs}
+                                  "keep_checkpoints": 1, "decay_steps": None, "warmup_steps": 0, "eval_every": 0,
+                                  "eval_batches": 1, "log_every": probe_steps}, "train")
+    on_cpu = resolve_device(cfg.device).type == "cpu"
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * data.seq_len
+    step_s: dict[str, float] = {r: math.inf for r in rungs}
     for i in range(rounds):
         for rung in rungs:
             arch, values = configs[rung]
-            print(f"[{rung}] speed probe {i + 1}/{rounds} ({3 * every} steps)", flush=True)
-            shutil.rmtree(probe_dir, ignore_errors=True)
-            summary = pretrain(data, arch=arch, model=values, train=cfg, name=rung, runs_dir=str(probe_dir))
-            lines = [json.loads(ln) for ln in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines() if ln]
-            windows = [ln["tokens_per_s"] for ln in lines if ln["split"] == "train" and "tokens_per_s" in ln]
-            speeds[rung] = max([speeds[rung], *windows[1:]] or windows)
+            print(f"[{rung}] speed probe {i + 1}/{rounds} ({short} and {probe_steps} steps)", flush=True)
+            spent = []
+            for steps in (short, probe_steps):
+                shutil.rmtree(probe_dir, ignore_errors=True)
+                wall, cpu = time.perf_counter(), time.process_time()
+                pretrain(data, arch=arch, model=values, train=replace(cfg, max_steps=steps), name=rung,
+                         runs_dir=str(probe_dir))
+                spent.append((time.process_time() - cpu) / torch.get_num_threads() if on_cpu
+                             else time.perf_counter() - wall)
+            per_step = (spent[1] - spent[0]) / (probe_steps - short)
+            if per_step < 0.5 * spent[1] / probe_steps:  # timer noise swamped a tiny model: count it all
+                per_step = spent[1] / probe_steps
+            step_s[rung] = min(step_s[rung], per_step)
     shutil.rmtree(probe_dir, ignore_errors=True)
-    return speeds
+    return {r: tokens_per_step / t for r, t in step_s.items()}
 
 
 def _neural_rung(out_dir, rung, arch, values, shared, data: DataConfig, budget_s, tokens_per_s, curve_points,
@@ -399,18 +415,19 @@ def _neural_rung(out_dir, rung, arch, values, shared, data: DataConfig, budget_s
                                       "keep_checkpoints": 1, "max_steps": steps, "decay_steps": steps,
                                       "warmup_steps": min(batch.warmup_steps, steps // 10), "eval_every": eval_every,
                                       "eval_batches": curve_batches, "log_every": eval_every}, "train")
-    print(f"[{rung}] {steps} steps for a budget of {budget_s:.0f} s ({tokens_per_s:,.0f} tokens/s probed)", flush=True)
-    start = time.perf_counter()
+    print(f"[{rung}] {steps} steps for a budget of {budget_s:g} s ({tokens_per_s:,.0f} tokens/s probed)", flush=True)
+    wall = time.perf_counter()
     summary = pretrain(data, arch=arch, model=values, train=run_cfg, name=rung, runs_dir=str(out_dir))
-    wall = time.perf_counter() - start
-    curve, train_s = _curve(Path(summary["run_dir"]) / "metrics.jsonl")
+    wall = time.perf_counter() - wall
+    curve = _curve(Path(summary["run_dir"]) / "metrics.jsonl")
     # 2. the score: the whole validation split
     device = resolve_device(run_cfg.device)
     net, _, cfg = load_pretrained(summary["run_dir"], device=device)
     loss = val_nats(net, windows, device)
     return {"rung": rung, "model": _describe(rung, cfg["model"]), "params": _count_params(net), "steps": steps,
-            "train_tokens": steps * tokens_per_step, "train_s": train_s, "wall_s": wall, "probe_tokens_per_s": tokens_per_s,
-            "val_nats": loss, "ppl": math.exp(min(loss, 50.0)), "curve": curve, "run_dir": summary["run_dir"]}
+            "train_tokens": steps * tokens_per_step, "train_s": steps * tokens_per_step / tokens_per_s,
+            "wall_s": curve[-1][1] if curve else wall, "probe_tokens_per_s": tokens_per_s, "val_nats": loss,
+            "ppl": math.exp(min(loss, 50.0)), "curve": curve, "run_dir": summary["run_dir"]}
 
 
 def _describe(rung: str, m: dict[str, Any]) -> str:
@@ -419,32 +436,35 @@ def _describe(rung: str, m: dict[str, Any]) -> str:
     return f"{m['n_layer']} layers, embedding {m['d_model']}, hidden {m['d_hidden']}"
 
 
-def _curve(metrics: Path) -> tuple[list[list[float]], float]:
-    """([(training seconds, val loss)] at each validation, training seconds in all) from a run's
-    metrics.jsonl (the trainer logs `train_s`, validation time excluded, with each validation)."""
+def _curve(metrics: Path) -> list[list[float]]:
+    """[step, wall seconds of training so far, val loss] at each validation of a run, from its metrics.jsonl
+    (the trainer logs `train_s`, validation time excluded, with each validation)."""
     rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
-    curve = [[r["train_s"], r["loss"]] for r in rows if r["split"] == "val" and "loss" in r and "train_s" in r]
-    return curve, (curve[-1][0] if curve else 0.0)
+    return [[r["step"], r["train_s"], r["loss"]] for r in rows if r["split"] == "val" and "loss" in r and "train_s" in r]
 
 
 def _plot(rows: list[dict], out: Path, title: str, curve_tokens: int) -> None:
+    """Validation loss against training time: steps x the probed time per step (the budget's clock, the
+    same for every rung whatever else ran on the machine); the n-gram at its counting time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    t_max = max([t for r in rows for t, _ in r["curve"]] + [1.0])
+    points = {r["rung"]: [(r["train_s"] * step / max(r["steps"], 1) if r["steps"] else r["train_s"], loss)
+                          for step, _, loss in r["curve"]] for r in rows}
+    t_max = max([t for pts in points.values() for t, _ in pts] + [1.0])
     for r in rows:
-        if not r["curve"]:
+        if not points[r["rung"]]:
             continue
-        t, y = zip(*r["curve"])
+        t, y = zip(*points[r["rung"]])
         if r["rung"] == "ngram":
             line, = ax.plot(t, y, "*", ms=12, label=f"n-gram, {r['model']}")
             ax.hlines(y[0], t[0], t_max, colors=line.get_color(), linestyles="dashed", lw=1)
         else:
             ax.plot(t, y, "o-", ms=3, lw=1.5, label=f"{r['rung'].upper()} ({r['params'] / 1e6:.2f}M)")
-    ax.set_xlabel("training time (s; counting time for the n-gram)")
+    ax.set_xlabel("training time (s): steps x probed time per step; counting time for the n-gram")
     ax.set_ylabel(f"validation loss (nats/token, first {curve_tokens:,} tokens)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -458,13 +478,13 @@ def _plot(rows: list[dict], out: Path, title: str, curve_tokens: int) -> None:
 
 def report_table(rows: list[dict]) -> str:
     """The markdown table: one row per rung."""
-    lines = ["| rung | model | parameters | steps | train tokens | train time (s) | val nats/token | perplexity |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| rung | model | parameters | steps | train tokens | train time (s) | wall time (s) | val nats/token "
+             "| perplexity |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         name = {"ngram": "n-gram (KN)"}.get(r["rung"], r["rung"].upper())
         steps = "counted" if r["rung"] == "ngram" else f"{r['steps']:,}"
         lines.append(f"| {name} | {r['model']} | {r['params']:,} | {steps} | {r['train_tokens']:,} | "
-                     f"{r['train_s']:.0f} | {r['val_nats']:.4f} | {r['ppl']:.2f} |")
+                     f"{r['train_s']:.0f} | {r['wall_s']:.0f} | {r['val_nats']:.4f} | {r['ppl']:.2f} |")
     return "\n".join(lines)
 
 
@@ -477,7 +497,9 @@ def report_markdown(report: dict) -> str:
              f"`{s['gpt']}`), {s['budget_s']:.0f} s of training each (steps set by speed probes), batch "
              f"{s['train']['batch_size']}, lr {s['train']['lr']}, {s['threads']} torch thread(s), device "
              f"{s['device']}. Parameters of the n-gram: the numbers it stores (one probability per n-gram, one "
-             f"back-off weight per context).", "", report_table(rows), ""]
+             f"back-off weight per context). Train time: steps x the probed time per step (on CPU, CPU time per "
+             f"thread), i.e. the budget; for the n-gram its counting CPU time. Wall time: what training took here "
+             f"without validation (longer when other jobs shared the machine).", "", report_table(rows), ""]
     ngram = next((r for r in rows if r["rung"] == "ngram"), None)
     if ngram:
         parts += ["n-gram orders (the best is the rung above):", "", "| order | n-grams | count time (s) | val nats/token |",
