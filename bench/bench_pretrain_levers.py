@@ -7,7 +7,7 @@ on the shared machine wall time depends on the other jobs). Its step count comes
 its own first steps, so its learning-rate schedule (warm-up, cosine decay) fits the budget, as a real run
 of that length would. The training step is the trainer's (lmforge's objective and batcher from the
 objective registry, `build_optimizer`, `lr_at`, per-step dropout seeding, clipping); validation is
-always the preset's: MLM cross-entropy and masked-token accuracy on the same fixed whole-word 15% masks
+always the preset's, in fp32: MLM cross-entropy and masked-token accuracy on the same fixed whole-word 15% masks
 of the first `--eval_batches` validation batches, whatever the variant trains with (for `rtd` the same
 model is the MLM, so the probe is the same).
 
@@ -40,7 +40,7 @@ from lmforge.recipes.pretrain import _objective_builder, resolve_model_config  #
 from lmforge.train.config import TrainConfig  # noqa: E402
 from lmforge.train.mlm import MLMObjective, MLMOptions  # noqa: E402
 from lmforge.train.protocols import ObjectiveContext  # noqa: E402
-from lmforge.train.trainer import build_optimizer, lr_at, step_seed  # noqa: E402
+from lmforge.train.trainer import autocast_for, build_optimizer, lr_at, step_seed  # noqa: E402
 
 PRESETS = Path(__file__).resolve().parents[1] / "src" / "lmforge" / "presets"
 NO_DROPOUT = {"dropout": 0.0, "attn_dropout": 0.0}
@@ -63,6 +63,8 @@ VARIANTS: dict[str, dict] = {
     "shallow-wide": {"model": {"n_layer": 2, "n_head": 8, "d_model": 384, "d_ff": 1536}},
     "small": {"model": {"n_layer": 4, "n_head": 4, "d_model": 128, "d_ff": 512}},
     "rtd": {"objective": "rtd"},
+    "bf16": {"train": {"precision": "bf16"}},
+    "batch8": {"train": {"batch_size": 8}},
 }
 
 
@@ -91,7 +93,7 @@ def cpu() -> float:
 
 
 def run_variant(name: str, recipe: dict, data: str, budget: float, eval_points: int, eval_batches: int,
-                probe_steps: int) -> dict:
+                probe_steps: int, save: Path | None = None) -> dict:
     train_split, val_split, tok = open_prepared(data)
     preset_train = TrainConfig(**{k: v for k, v in recipe["train"].items()})
     seq_len = recipe["seq_len"]
@@ -118,7 +120,8 @@ def run_variant(name: str, recipe: dict, data: str, budget: float, eval_points: 
         for g in optim.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         torch.manual_seed(step_seed(train_cfg.seed, step))
-        loss, _ = objective.loss(model, batcher.train_batch(step, 0))
+        with autocast_for(torch.device("cpu"), train_cfg.precision):  # the trainer's: bf16 only when asked on CPU
+            loss, _ = objective.loss(model, batcher.train_batch(step, 0))
         loss.backward()
         if train_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip, foreach=True)
@@ -174,34 +177,46 @@ def run_variant(name: str, recipe: dict, data: str, budget: float, eval_points: 
                           "train_loss": sum(window) / len(window), "val_loss": vl, "val_acc": va})
             print(f"[{name}] step {step + 1}/{steps}: cpu {train_cpu:.0f}s  train {curve[-1]['train_loss']:.4f}  "
                   f"val {vl:.4f} / {100 * va:.2f}%", flush=True)
+    if save is not None:  # a checkpoint every verb reads (fill_mask, ablation --init_from)
+        from lmforge.config import to_dict
+        from lmforge.train.checkpoint import save_checkpoint
+
+        save_checkpoint(save / name, model=model, tokenizer=tok, config={
+            "name": name, "arch": "bert", "model": to_dict(cfg), "objective": recipe["objective"],
+            "objective_args": recipe["objective_args"], "data": {"path": data, "seq_len": seq_len},
+            "train": to_dict(train_cfg)})
     return {"name": name, "recipe": recipe, "steps": steps, "probe_cpu_s_per_step": per_step,
             "tokens_per_step": batcher.tokens_per_batch, "budget_cpu_s": budget, "train_cpu_s": train_cpu,
             "wall_s": time.time() - t_wall, "eval_batches": eval_batches, "curve": curve,
             "params": model.num_params(), "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
 
 
-def plot(out: Path) -> Path:
+def plot(out: Path, x_axis: str = "cpu", names: list[str] | None = None, path: Path | None = None) -> Path:
+    """Validation loss and accuracy of the variants in OUT (all, or `names`) against training CPU minutes
+    (`x_axis` 'cpu') or tokens seen ('tokens'), one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
-    for f in sorted(out.glob("*.json")):
+    files = sorted(out.glob("*.json")) if not names else [out / f"{n}.json" for n in names]
+    for f in files:
         r = json.loads(f.read_text())
         c = r["curve"]
-        x = [p["cpu_s"] / 60 for p in c]
+        x = [p["cpu_s"] / 60 for p in c] if x_axis == "cpu" else [p["tokens"] / 1e6 for p in c]
         a.plot(x, [p["val_loss"] for p in c], "o-", label=r["name"], ms=3)
         b.plot(x, [100 * p["val_acc"] for p in c], "o-", label=r["name"], ms=3)
-    a.set_xlabel("training CPU minutes (one thread)")
+    xlabel = "training CPU minutes (one thread)" if x_axis == "cpu" else "tokens seen (millions)"
+    a.set_xlabel(xlabel)
     a.set_ylabel("validation MLM loss (fixed masks)")
-    b.set_xlabel("training CPU minutes (one thread)")
+    b.set_xlabel(xlabel)
     b.set_ylabel("validation masked-token accuracy, %")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     b.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "levers.png"
+    path = path or out / f"levers_{x_axis}.png"
     fig.savefig(path)
     return path
 
@@ -230,8 +245,10 @@ def main() -> None:
     p.add_argument("--eval_batches", type=int, default=10)
     p.add_argument("--probe_steps", type=int, default=8)
     p.add_argument("--out", default="bench/levers")
+    p.add_argument("--save", default=None, help="also save each variant's final model here (SAVE/<variant>)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--plot", action="store_true")
+    p.add_argument("--x", choices=["cpu", "tokens"], default="cpu", help="x axis of the plot")
     args = p.parse_args()
     if args.list:
         for k, v in VARIANTS.items():
@@ -245,11 +262,11 @@ def main() -> None:
         for name in args.variants.split(","):
             recipe = resolve(name, args.spec, preset)
             r = run_variant(name if not args.tag else args.tag, recipe, args.data, args.budget, args.eval_points,
-                            args.eval_batches, args.probe_steps)
+                            args.eval_batches, args.probe_steps, Path(args.save) if args.save else None)
             (out / f"{r['name']}.json").write_text(json.dumps(r, indent=1))
     print(summary(out))
     if args.plot:
-        print(f"plot: {plot(out)}")
+        print(f"plot: {plot(out, args.x)}")
 
 
 if __name__ == "__main__":
