@@ -678,7 +678,7 @@ def read_qa(path: str | Path, labelled: bool = True) -> QAFile:
         if not isinstance(q, dict):
             raise DataError(f"{path}: {where}: expected a JSON object, got {type(q).__name__}")
         context = q["__context"] if "__context" in q else _qa_text(path, where, q, "context")
-        # an empty question is kept and counted (CMRC 2018's trial file has one): the official scripts score it
+        # an empty question is kept and counted (CMRC 2018's trial file has two): the official scripts score it
         question = _qa_text(path, where, q, "question", "query_text", allow_empty=True)
         empty_questions += not question.strip()
         qid = str(q.get("id", q.get("query_id", where)))
