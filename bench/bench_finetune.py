@@ -45,8 +45,7 @@ def run_transformers(args) -> list[tuple[int, float, float]]:
     """[(step, train seconds, accuracy)] of transformers' Trainer."""
     import numpy as np
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lmforge.interop.minilm import minilm_dir
 
@@ -70,8 +69,19 @@ def run_transformers(args) -> list[tuple[int, float, float]]:
         def __getitem__(self, i):
             return {**{k: torch.tensor(v[i]) for k, v in self.enc.items()}, "labels": torch.tensor(self.y[i])}
 
+    def accuracy(p):
+        return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
+
+    return train_timed(args, model, DS(texts, labels), DS(test_texts, test_labels), accuracy, "eval_accuracy")
+
+
+def train_timed(args, model, train_ds, eval_ds, compute_metrics, key: str, collator=None) -> list[tuple[int, float, float]]:
+    """transformers' Trainer for one epoch (lr 5e-5, batch 32), evaluating every `args.eval_every` steps:
+    [(step, training seconds without evaluation, metric `key`)]."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
     curve: list[tuple[int, float, float]] = []
-    clock = {"start": None, "eval": 0.0, "t0": 0.0}
+    clock = {"start": 0.0, "eval": 0.0, "t0": 0.0}
 
     class Timer(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
@@ -82,24 +92,19 @@ def run_transformers(args) -> list[tuple[int, float, float]]:
                 clock["t0"] = time.perf_counter()
 
         def on_evaluate(self, a, state, control, metrics=None, **kw):
-            train_s = clock["t0"] - clock["start"] - clock["eval"]
-            curve.append((state.global_step, train_s, metrics["eval_accuracy"]))
+            curve.append((state.global_step, clock["t0"] - clock["start"] - clock["eval"], metrics[key]))
             clock["eval"] += time.perf_counter() - clock["t0"]
-
-    def accuracy(p):
-        return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
 
     targs = TrainingArguments(output_dir=str(args.out / "hf"), num_train_epochs=1, learning_rate=5e-5,
                               per_device_train_batch_size=32, per_device_eval_batch_size=64, eval_strategy="steps",
                               eval_steps=args.eval_every, save_strategy="no", logging_steps=100, report_to=[],
                               seed=args.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=targs, train_dataset=DS(texts, labels), eval_dataset=DS(test_texts, test_labels),
-                      compute_metrics=accuracy, callbacks=[Timer()])
+    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds,
+                      compute_metrics=compute_metrics, data_collator=collator, callbacks=[Timer()])
     trainer.train()
-    clock["t0"] = time.perf_counter()
-    final = trainer.evaluate()
-    if not curve or curve[-1][0] != trainer.state.global_step:
-        curve.append((trainer.state.global_step, clock["t0"] - clock["start"] - clock["eval"], final["eval_accuracy"]))
+    if not curve or curve[-1][0] != trainer.state.global_step:  # the last step was not an evaluation step
+        clock["t0"] = time.perf_counter()
+        trainer.evaluate()  # the Timer adds it to the curve
     return curve
 
 
@@ -139,8 +144,7 @@ def run_transformers_conll(args) -> list[tuple[int, float, float]]:
     import numpy as np
     import torch
     from seqeval.metrics import f1_score
-    from transformers import (AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification,
-                              Trainer, TrainerCallback, TrainingArguments)
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
 
     from lmforge.interop.minilm import minilm_dir
 
@@ -167,8 +171,6 @@ def run_transformers_conll(args) -> list[tuple[int, float, float]]:
         return items
 
     train_ds, test_ds = encode(train_w, train_t), encode(test_w, test_t)
-    curve: list[tuple[int, float, float]] = []
-    clock = {"start": 0.0, "eval": 0.0, "t0": 0.0}
 
     def metrics(p):
         pred = np.argmax(p.predictions, -1)
@@ -180,30 +182,7 @@ def run_transformers_conll(args) -> list[tuple[int, float, float]]:
             out_ref.append([k[1] for k in kept] + ["O"] * (len(words) - len(kept)))
         return {"f1": f1_score(test_t, out_pred)}
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            clock["start"] = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            if state.global_step % args.eval_every == 0:
-                clock["t0"] = time.perf_counter()
-
-        def on_evaluate(self, a, state, control, metrics=None, **kw):
-            curve.append((state.global_step, clock["t0"] - clock["start"] - clock["eval"], metrics["eval_f1"]))
-            clock["eval"] += time.perf_counter() - clock["t0"]
-
-    targs = TrainingArguments(output_dir=str(args.out / "hf"), num_train_epochs=1, learning_rate=5e-5,
-                              per_device_train_batch_size=32, per_device_eval_batch_size=64, eval_strategy="steps",
-                              eval_steps=args.eval_every, save_strategy="no", logging_steps=100, report_to=[],
-                              seed=args.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
-    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=test_ds, compute_metrics=metrics,
-                      data_collator=DataCollatorForTokenClassification(tok), callbacks=[Timer()])
-    trainer.train()
-    clock["t0"] = time.perf_counter()
-    final = trainer.evaluate()
-    if not curve or curve[-1][0] != trainer.state.global_step:
-        curve.append((trainer.state.global_step, clock["t0"] - clock["start"] - clock["eval"], final["eval_f1"]))
-    return curve
+    return train_timed(args, model, train_ds, test_ds, metrics, "eval_f1", DataCollatorForTokenClassification(tok))
 
 
 def run_lmforge_conll(args, crf: bool) -> list[tuple[int, float, float]]:
