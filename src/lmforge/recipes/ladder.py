@@ -451,7 +451,7 @@ def _plot(rows: list[dict], out: Path, title: str, curve_tokens: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     points = {r["rung"]: [(r["train_s"] * step / max(r["steps"], 1) if r["steps"] else r["train_s"], loss)
                           for step, _, loss in r["curve"]] for r in rows}
     t_max = max([t for pts in points.values() for t, _ in pts] + [1.0])
@@ -468,7 +468,7 @@ def _plot(rows: list[dict], out: Path, title: str, curve_tokens: int) -> None:
     ax.set_ylabel(f"validation loss (nats/token, first {curve_tokens:,} tokens)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: no curve hidden
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
