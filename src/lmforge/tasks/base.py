@@ -121,6 +121,11 @@ def pad_id_of(tokenizer) -> int:
 
 
 def hidden_size(backbone: nn.Module) -> int:
+    """The width of `backbone.encode`'s output: the model's own `hidden_size` when it has one (a recurrent
+    model), else its config's d_model."""
+    own = getattr(backbone, "hidden_size", None)
+    if isinstance(own, int):
+        return own
     cfg = backbone.config
     for name in ("d_model", "d_hidden", "hidden_size"):
         if hasattr(cfg, name):
