@@ -65,6 +65,8 @@ VARIANTS: dict[str, dict] = {
     "rtd": {"objective": "rtd"},
     "bf16": {"train": {"precision": "bf16"}},
     "batch8": {"train": {"batch_size": 8}},
+    "rope": {"model": {"position": "rope"}},
+    "lr1e-3x": {"train": {"lr": 1e-3, "min_lr": 1e-4}},
 }
 
 

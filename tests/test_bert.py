@@ -226,3 +226,75 @@ def test_shipped_presets_parse_and_build(name):
     assert build_model("bert", model_cfg).num_params() > 1e6
     from_dict(TrainConfig, cfg["train"], "train")
     from_dict(NSPOptions if cfg["objective"] == "mlm+nsp" else MLMOptions, cfg.get("objective_args"), "objective_args")
+
+
+# ---- position='rope': rotary BERT against transformers' RoFormer -----------------------------------------
+def _rotate_half_order(head_dim: int) -> torch.Tensor:
+    """Our feature j of a head <- RoFormer's feature order[j]: we rotate the pairs (j, j + h/2) (the
+    "rotate half" layout), RoFormer the pairs (2i, 2i + 1); both at frequency base^(-2i/h)."""
+    half = head_dim // 2
+    return torch.tensor([2 * j for j in range(half)] + [2 * j + 1 for j in range(half)])
+
+
+def test_rope_bert_equals_roformer():
+    """A post-LN BERT with position='rope' is RoFormer (no position table, rotary q/k) once each head's
+    q/k features are reordered from RoFormer's interleaved pairs to our half-split pairs."""
+    torch.manual_seed(0)
+    n_head, d = 4, 32
+    hf_cfg = transformers.RoFormerConfig(
+        vocab_size=97, embedding_size=d, hidden_size=d, num_hidden_layers=2, num_attention_heads=n_head,
+        intermediate_size=64, max_position_embeddings=24, type_vocab_size=2, hidden_act="gelu",
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, rotary_value=False)
+    hf = transformers.RoFormerModel(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    order = (torch.arange(n_head)[:, None] * (d // n_head) + _rotate_half_order(d // n_head)).flatten()
+    state = {}
+    for k, v in hf.state_dict().items():
+        if "embed_positions" in k:
+            continue
+        if ".attention.self.query." in k or ".attention.self.key." in k:
+            v = v[order]
+        state[k] = v
+    ours = Bert(BertConfig(**TINY, position="rope")).eval()
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert all(k.startswith(("pooler.", "cls.")) for k in missing), missing
+    ids, mask, types = batch_with_padding()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        got = ours.encode(ids, mask, types)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=2e-5, rtol=1e-4)
+
+
+def test_rope_bert_has_no_position_table_and_is_shift_invariant():
+    torch.manual_seed(0)
+    model = Bert(BertConfig(**TINY, position="rope", dropout=0.0, attn_dropout=0.0)).eval()
+    assert "embeddings.position_embeddings.weight" not in model.state_dict()
+    assert model.num_params(non_embedding=True) == model.num_params() - 97 * 32 - 2 * 32
+    assert "rope" in model.describe()
+    learned = Bert(BertConfig(**TINY, dropout=0.0, attn_dropout=0.0)).eval()
+    ids = torch.randint(5, 97, (1, 10))
+    # padding on the left moves every real token by 3 positions: rotary attention only sees offsets
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(padded, mask)[:, 3:], model.encode(ids), atol=1e-5, rtol=0)
+        assert (learned.encode(padded, mask)[:, 3:] - learned.encode(ids)).abs().max() > 1e-3
+
+
+def test_rope_bert_config_errors_and_export_refused(tmp_path):
+    from lmforge.errors import CheckpointError
+    from lmforge.interop.hf_convert import bert_config_to_hf
+
+    with pytest.raises(ConfigError, match="model.position must be 'learned' or 'rope', got 'alibi'"):
+        BertConfig(**TINY, position="alibi")
+    with pytest.raises(ConfigError, match="even head size"):
+        BertConfig(**dict(TINY, d_model=36, n_head=4), position="rope")
+    with pytest.raises(ConfigError, match="rope_base"):
+        BertConfig(**TINY, position="rope", rope_base=0)
+    with pytest.raises(CheckpointError, match="position='rope' has no transformers BERT equivalent"):
+        bert_config_to_hf(BertConfig(**TINY, position="rope"), "BertForMaskedLM")

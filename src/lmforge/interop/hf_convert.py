@@ -69,6 +69,9 @@ def gpt_config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
 def bert_config_to_hf(cfg: Any, architecture: str) -> dict[str, Any]:
     if cfg.pre_ln:
         raise CheckpointError("a pre-LN BERT (model.pre_ln=true) has no transformers equivalent; only post-LN BERT exports")
+    if cfg.position != "learned":
+        raise CheckpointError(f"a BERT with model.position={cfg.position!r} has no transformers BERT equivalent "
+                              "(BERT learns absolute positions); only position='learned' exports")
     return {"architectures": [architecture], "model_type": "bert", "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
             "intermediate_size": cfg.d_ff, "hidden_act": _ACT_OUT[cfg.activation],

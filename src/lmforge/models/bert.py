@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
-from lmforge.models.layers import attention
+from lmforge.models.layers import apply_rope, attention, rope_angles
 
 
 @dataclass
@@ -33,7 +33,8 @@ class BertConfig:
 
     Args:
         vocab_size: tokenizer vocabulary size.
-        max_position: longest sequence (learned absolute position embeddings).
+        max_position: longest sequence (the size of the learned position table; with rope, the longest
+            input accepted).
         type_vocab_size: number of segment ids (2: sentence A / sentence B).
         n_layer: Transformer blocks.
         n_head: attention heads per block.
@@ -46,6 +47,10 @@ class BertConfig:
         pad_token_id: id of [PAD] (its embedding row starts at zero).
         pre_ln: LayerNorm before attention/FFN plus a final LayerNorm (for training from scratch).
         init_std: std of the normal initialisation of weight matrices and embeddings.
+        position: 'learned' absolute position embeddings (BERT) or 'rope' rotary embeddings on q and k
+            (no position table; relative offsets are built into attention, which a small encoder trained
+            from scratch learns to use much sooner; no transformers BERT equivalent, so no HF export).
+        rope_base: wavelength base of the rotary embeddings (position='rope' only).
     """
 
     vocab_size: int = 30522
@@ -62,6 +67,8 @@ class BertConfig:
     pad_token_id: int = 0
     pre_ln: bool = False
     init_std: float = 0.02
+    position: Literal["learned", "rope"] = "learned"
+    rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_position", "type_vocab_size", "n_layer", "n_head", "d_model", "d_ff"):
@@ -76,6 +83,12 @@ class BertConfig:
             raise ConfigError(f"model.pad_token_id ({self.pad_token_id}) must be a token id below vocab_size ({self.vocab_size})")
         if self.layer_norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.layer_norm_eps and model.init_std must be positive")
+        if self.position not in ("learned", "rope"):
+            raise ConfigError(f"model.position must be 'learned' or 'rope', got {self.position!r}")
+        if self.position == "rope" and (self.d_model // self.n_head) % 2:
+            raise ConfigError(f"model.position 'rope' needs an even head size, got d_model / n_head = {self.d_model // self.n_head}")
+        if self.rope_base <= 0:
+            raise ConfigError(f"model.rope_base must be positive, got {self.rope_base}")
 
     context_field: ClassVar[str] = "max_position"  # the field that `context_length` reads
 
@@ -108,19 +121,20 @@ class EncoderOutput:
 
 
 class Embeddings(nn.Module):
-    """word + position + segment embeddings, then LayerNorm and dropout."""
+    """word + position + segment embeddings, then LayerNorm and dropout (no position table with rope)."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
-        self.position_embeddings = nn.Embedding(cfg.max_position, cfg.d_model)
+        self.position_embeddings = nn.Embedding(cfg.max_position, cfg.d_model) if cfg.position == "learned" else None
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
         self.LayerNorm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(input_ids.size(1), device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(pos) + self.token_type_embeddings(token_type_ids)
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(torch.arange(input_ids.size(1), device=input_ids.device))
         return self.dropout(self.LayerNorm(x))
 
 
@@ -135,10 +149,12 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(cfg.d_model, cfg.d_model)
         self.value = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, need_weights: bool):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, need_weights: bool, rope=None):
         B, T, d = x.shape
         # (B, T, d) -> (B, n_head, T, head_dim)
         q, k, v = (proj(x).view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        if rope is not None:  # (cos, sin) from rope_angles
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out, weights = attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
                                  need_weights=need_weights)
         return out.transpose(1, 2).reshape(B, T, d), weights
@@ -182,14 +198,14 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = DenseNorm(cfg.d_ff, cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, need_weights: bool):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, need_weights: bool, rope=None):
         att, ffn = self.attention.output, self.output
         if self.pre_ln:  # x + f(LN(x))
-            a, weights = self.attention.self(att.LayerNorm(x), mask, need_weights)
+            a, weights = self.attention.self(att.LayerNorm(x), mask, need_weights, rope)
             x = x + att.dropout(att.dense(a))
             x = x + ffn.dropout(ffn.dense(self.intermediate(ffn.LayerNorm(x))))
         else:  # LN(x + f(x)), as the original BERT
-            a, weights = self.attention.self(x, mask, need_weights)
+            a, weights = self.attention.self(x, mask, need_weights, rope)
             x = att.LayerNorm(x + att.dropout(att.dense(a)))
             x = ffn.LayerNorm(x + ffn.dropout(ffn.dense(self.intermediate(x))))
         return x, weights
@@ -355,9 +371,13 @@ class Bert(nn.Module):
         if attention_mask is not None:
             mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys a query may attend to
         x = self.embeddings(input_ids, token_type_ids)
+        rope = None
+        if self.config.position == "rope":
+            rope = rope_angles(torch.arange(T, device=input_ids.device)[None], self.config.d_model // self.config.n_head,
+                               self.config.rope_base)
         attentions = []
         for layer in self.encoder.layer:
-            x, weights = layer(x, mask, output_attentions)
+            x, weights = layer(x, mask, output_attentions, rope)
             attentions.append(weights)
         if self.encoder.LayerNorm is not None:
             x = self.encoder.LayerNorm(x)
@@ -387,12 +407,13 @@ class Bert(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             e = self.embeddings
-            n -= sum(m.weight.numel() for m in (e.word_embeddings, e.position_embeddings, e.token_type_embeddings))
+            n -= sum(m.weight.numel() for m in (e.word_embeddings, e.position_embeddings, e.token_type_embeddings)
+                     if m is not None)
         return n
 
     def describe(self) -> str:
         c = self.config
         kind = "pre-LN" if c.pre_ln else "post-LN"
         return (f"BERT ({kind}): {c.n_layer} layers, {c.n_head} heads, d_model {c.d_model}, d_ff {c.d_ff}, "
-                f"vocab {c.vocab_size}, max_position {c.max_position}; "
+                f"vocab {c.vocab_size}, max_position {c.max_position}{', rope' if c.position == 'rope' else ''}; "
                 f"{self.num_params() / 1e6:.2f}M parameters ({self.num_params(True) / 1e6:.2f}M non-embedding)")
