@@ -13,6 +13,11 @@ model is the MLM, so the probe is the same).
 
     python bench/bench_pretrain_levers.py --budget 600 --variants preset,lr2e-3 --out bench/levers
     python bench/bench_pretrain_levers.py --list
+    python bench/bench_pretrain_levers.py --probe runs/bert_en_small --data data/imdb_unsup --out bench/levers
+
+`--probe RUN` scores every complete checkpoint of a full pretraining run (and its final model) on the same
+reference masks, in fp32, and writes OUT/<run>.json in the variants' format (x = tokens seen), so a full
+run and the recorded curve of the old preset share one plot (`--plot --x tokens`).
 
 Writes OUT/<variant>.json (curve: step, tokens seen, CPU seconds, val loss, val accuracy) and prints
 a summary table; `--plot` draws every variant in OUT into OUT/levers.png.
@@ -193,6 +198,64 @@ def run_variant(name: str, recipe: dict, data: str, budget: float, eval_points: 
             "params": model.num_params(), "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
 
 
+def reference_probe(data: str, eval_batches: int):
+    """validate(model) -> (loss, accuracy) on the preset's fixed validation masks (whole-word 15%, seed 1337,
+    batch 32 x 128: the batches the old preset's trainer validated on), fp32, eval mode."""
+    train_split, val_split, tok = open_prepared(data)
+    ref = MLMBatcher(MLMOptions(whole_word=True).masker(tok), train_split, val_split, seq_len=128, batch_size=32,
+                     seed=1337)
+    ref_obj = MLMObjective()
+
+    @torch.no_grad()
+    def validate(model) -> tuple[float, float]:
+        model.eval()
+        tot = acc = n = 0.0
+        for batch in ref.val_batches(eval_batches):
+            b = batch["input_ids"].shape[0]
+            loss, metrics = ref_obj.loss(model, batch)
+            tot, acc, n = tot + loss.item() * b, acc + metrics["mlm_acc"].item() * b, n + b
+        return tot / n, acc / n
+
+    return validate
+
+
+def probe_run(run: Path, data: str, eval_batches: int) -> dict:
+    """A finished (or running) pretraining run's checkpoints scored on the reference masks."""
+    from lmforge.checkpoints import load_pretrained, read_config, step_checkpoints
+
+    validate = reference_probe(data, eval_batches)
+    ckpts = step_checkpoints(run)
+    if (run / "final").is_dir():
+        ckpts.append(run / "final")
+    if not ckpts:
+        raise SystemExit(f"{run}: no complete checkpoint to probe")
+    cfg = read_config(ckpts[-1])
+    tokens_per_step = cfg["train"]["batch_size"] * cfg["data"]["seq_len"]
+    wall = {}  # step -> wall seconds since the start, from the run's metrics
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if "train_s" in row:
+                wall[row["step"]] = row["train_s"]
+    curve = []
+    for ckpt in ckpts:
+        step = int(read_config(ckpt).get("step", 0)) if ckpt.name == "final" else int(ckpt.name.split("-")[1])
+        if ckpt.name == "final" and curve and curve[-1]["step"] == step:
+            continue
+        model, _, _ = load_pretrained(ckpt)
+        vl, va = validate(model.float())
+        curve.append({"step": step, "tokens": step * tokens_per_step, "cpu_s": wall.get(step, float("nan")),
+                      "val_loss": vl, "val_acc": va})
+        print(f"[{run.name}] {ckpt.name}: val {vl:.4f} / {100 * va:.2f}%", flush=True)
+    return {"name": run.name, "recipe": cfg, "steps": curve[-1]["step"], "tokens_per_step": tokens_per_step,
+            "train_cpu_s": float("nan"), "wall_s": float("nan"), "eval_batches": eval_batches, "curve": curve,
+            "params": sum(p.numel() for p in load_pretrained(ckpts[-1])[0].parameters()), "probe": True}
+
+
 def plot(out: Path, x_axis: str = "cpu", names: list[str] | None = None, path: Path | None = None) -> Path:
     """Validation loss and accuracy of the variants in OUT (all, or `names`) against training CPU minutes
     (`x_axis` 'cpu') or tokens seen ('tokens'), one PNG."""
@@ -248,6 +311,7 @@ def main() -> None:
     p.add_argument("--probe_steps", type=int, default=8)
     p.add_argument("--out", default="bench/levers")
     p.add_argument("--save", default=None, help="also save each variant's final model here (SAVE/<variant>)")
+    p.add_argument("--probe", nargs="*", default=None, help="score these runs' checkpoints on the reference masks")
     p.add_argument("--list", action="store_true")
     p.add_argument("--plot", action="store_true")
     p.add_argument("--x", choices=["cpu", "tokens"], default="cpu", help="x axis of the plot")
@@ -260,6 +324,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     preset = load_yaml(PRESETS / f"{args.preset}.yaml")
+    if args.probe is not None:
+        for run in args.probe:
+            r = probe_run(Path(run), args.data, args.eval_batches)
+            (out / f"{r['name']}.json").write_text(json.dumps(r, indent=1))
+        return
     if args.variants:
         for name in args.variants.split(","):
             recipe = resolve(name, args.spec, preset)

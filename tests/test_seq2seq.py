@@ -98,7 +98,8 @@ def test_read_real_multi30k():
 
 
 @pytest.mark.parametrize("files, kwargs, message", [
-    ({"p.en": "a\nb\nc\n", "p.de": "A\nB\n"}, {}, "has 3 lines but"),
+    ({"p.en": "a\nb\nc\n", "p.de": "A\nB\n"}, {},
+     "p.en has 3 lines but {d}/p.de has 2: line-aligned files must have the same number of lines"),
     ({"p.en": "a\n\nc\n", "p.de": "A\nB\nC\n"}, {}, "p.en:2: empty prompt"),
     ({"p.en": "a\nb\n", "p.de": "A\n \n"}, {}, "p.de:2: empty response"),
     ({"p.en": "a\n"}, {}, "p.de[.gz]: file not found"),
@@ -107,7 +108,7 @@ def test_read_real_multi30k():
 def test_two_file_errors(tmp_path, files, kwargs, message):
     for name, text in files.items():
         (tmp_path / name).write_text(text)
-    with pytest.raises(DataError, match=re.escape(message)):
+    with pytest.raises(DataError, match=re.escape(message.format(d=tmp_path))):
         read_pairs(tmp_path / "p", source="en", target="de", **kwargs)
 
 

@@ -74,7 +74,7 @@ class QAHead(nn.Module):
 
 def pair_backend(tokenizer):
     """The tokenizer's backend with its pair template ([CLS] a [SEP] b [SEP]), no truncation or padding."""
-    return tokenizer._model_backend(None, False, True, True)
+    return tokenizer.backend_for_model(pair=True)
 
 
 def windows(backend, question, context, room: int, step: int) -> list:

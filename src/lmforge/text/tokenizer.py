@@ -140,7 +140,8 @@ class Tokenizer:
         """
         if pairs is not None and len(pairs) != len(texts):
             raise ConfigError(f"encode_for_model: {len(texts)} texts but {len(pairs)} pairs")
-        backend = self._model_backend(max_length, padding, add_special_tokens, pairs is not None)
+        backend = self.backend_for_model(max_length=max_length, padding=padding, specials=add_special_tokens,
+                                         pair=pairs is not None)
         inputs = list(texts) if pairs is None else list(zip(texts, pairs))
         try:
             encodings = backend.encode_batch(inputs, add_special_tokens=add_special_tokens,
@@ -151,9 +152,19 @@ class Tokenizer:
                 "attention_mask": [e.attention_mask for e in encodings], "offsets": [e.offsets for e in encodings],
                 "word_ids": [e.word_ids for e in encodings], "truncated": [bool(e.overflowing) for e in encodings]}
 
-    def _model_backend(self, max_length: int | None, padding: bool, specials: bool, pair: bool) -> tokenizers.Tokenizer:
-        """A copy of the backend with this truncation and padding switched on, made once per setting
-        (the tokenizer itself, and its saved file, stay as they are)."""
+    def backend_for_model(self, *, max_length: int | None = None, padding: bool = False, specials: bool = True,
+                          pair: bool = False) -> tokenizers.Tokenizer:
+        """The `tokenizers` backend that `encode_for_model` uses, for code that needs its encodings
+        themselves (overflow windows, offsets, `truncate`): a copy with the model's template (a BERT
+        wordpiece file lacking one gets `[CLS] a [SEP] (b [SEP])`), this truncation and padding switched
+        on, made once per setting; the tokenizer itself and its saved file stay as they are.
+
+        Args:
+            max_length: truncate to this many tokens, special tokens included (None: no truncation).
+            padding: pad batches on the right with [PAD] to their longest row.
+            specials: the caller adds the special tokens (checks that max_length leaves room for them).
+            pair: the caller encodes pairs (the room check counts the pair template's tokens).
+        """
         key = (max_length, padding, specials)
         if key not in self._for_model:
             backend = tokenizers.Tokenizer.from_str(self.backend.to_str())
