@@ -253,6 +253,20 @@ def test_evaluate_refuses_existing_report_and_non_task_models(cls_data, tmp_path
     run_verb("evaluate", [str(run), "--data", str(cls_data / "dev.tsv"), "--out", str(out), "--overwrite"])
     err = cli_error(["predict", str(run), "--data", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "p.jsonl")], capsys)
     assert "nope.tsv: file not found" in err
+    # jsonl inputs: one line naming FILE:LINE for each kind of bad input; gzip is read like plain
+    import gzip
+
+    for text, message in [('{"text": "good"}\n{"text": \n', "in.jsonl:2: not valid JSON"),
+                          ('{"text": "good"}\n["good"]\n', "in.jsonl:2: expected a JSON object"),
+                          ("\n \n", "in.jsonl: no inputs")]:
+        (tmp_path / "in.jsonl").write_text(text)
+        err = cli_error(["predict", str(run), "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "p.jsonl")],
+                        capsys)
+        assert message in err, err
+    (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(b'{"text": "the film was good"}\n{"text": "bad"}\n'))
+    run_verb("predict", [str(run), "--data", str(tmp_path / "in.jsonl.gz"), "--out", str(tmp_path / "p.jsonl")])
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["the film was good", "bad"] and all("label" in r for r in rows)
 
 
 # -- real data and the real MiniLM (skipped where ../shared or the MiniLM package is absent) -----------

@@ -170,6 +170,20 @@ def _json_rows(path, lines: list[str]) -> list[tuple[int, dict | list]]:
     return rows
 
 
+def read_json_objects(path: str | Path) -> list[dict]:
+    """The JSON objects of a .jsonl file (optionally gzipped), one per non-blank line, e.g. the inputs of
+    `lmforge predict`. A line that is not valid JSON or not an object, and a file without any, are errors
+    naming FILE:LINE."""
+    objects = []
+    for line, row in _json_rows(path, _read_lines(path)):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line}: expected a JSON object such as {{\"text\": \"...\"}}, got a list")
+        objects.append(row)
+    if not objects:
+        raise DataError(f"{path}: no inputs")
+    return objects
+
+
 def read_table(path: str | Path, *, text: Column = "text", text_pair: Column = None, label: Column = "label",
                header: bool | None = None, delimiter: str | None = None) -> list[Example]:
     """Read a classification file into `Example`s.

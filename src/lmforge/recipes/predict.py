@@ -13,22 +13,10 @@ from lmforge.errors import ConfigError, DataError
 
 
 def _inputs(path: Path) -> list[dict[str, Any]]:
-    """A .jsonl file of {"text": ..., "text_pair": ...} / {"words": [...]} objects."""
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(item, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object such as {{\"text\": \"...\"}}")
-            items.append(item)
-    if not items:
-        raise DataError(f"{path}: no inputs")
-    return items
+    """A .jsonl file of {"text": ..., "text_pair": ...} / {"words": [...]} objects (optionally gzipped)."""
+    from lmforge.data.readers import read_json_objects
+
+    return read_json_objects(path)
 
 
 def predict(
