@@ -65,6 +65,30 @@ def test_perplexity_equals_token_by_token(tiny_gpt, tmp_path, stride):
     assert saved["settings"]["stride"] == stride and "perplexity" in (tmp_path / "rep" / "report.md").read_text()
 
 
+@pytest.mark.parametrize("stride", [None, 7])
+def test_ngram_perplexity_equals_token_by_token(tmp_path, stride):
+    """An n-gram run's perplexity: every token scored once from its own history, equal to the model's full
+    next-token distribution (`forward`) read token by token."""
+    import numpy as np
+
+    from lmforge.config import to_dict
+    from lmforge.models.ngram import NGramConfig, NGramLM
+
+    tok = train_tokenizer([TEXT], kind="bpe", vocab_size=280, min_frequency=1)
+    words = TEXT.split()
+    text = " ".join(random.Random(0).choice(words) for _ in range(900))  # longer than one 512-token window
+    ids = tok.encode(text)
+    assert len(ids) > 600
+    model = NGramLM.count(np.asarray(tok.encode(TEXT)), NGramConfig(vocab_size=tok.vocab_size, order=3))
+    save_checkpoint(tmp_path / "ng", model=model, config={"arch": "ngram", "model": to_dict(model.config)}, tokenizer=tok)
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    args = [str(tmp_path / "ng"), "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "rep")]
+    report = run_verb("evaluate", args + (["--stride", str(stride)] if stride else []))
+    ref = reference_nll(model.eval(), ids, 512, stride or 256)
+    assert report["metrics"]["tokens"] == len(ids) - 1 and report["arch"] == "ngram"
+    assert report["metrics"]["loss"] == pytest.approx(ref, abs=1e-5)
+
+
 def test_perplexity_errors(tiny_gpt, tmp_path, capsys):
     d, _, _ = tiny_gpt
     assert main(["evaluate", str(d / "ckpt"), "--data", str(d / "text.txt"), "--stride", "17",

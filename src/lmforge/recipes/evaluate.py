@@ -2,7 +2,7 @@
 
 A fine-tuned task model is scored with its task's metric (accuracy, macro/micro F1, per-class
 precision/recall/F1 and a confusion-matrix PNG for classification; entity span F1 per type for
-tagging). A causal language model (gpt, lstm) gets the perplexity of a text file. The file is read
+tagging). A causal language model (gpt, lstm, ngram) gets the perplexity of a text file. The file is read
 and scored in chunks: memory does not grow with the predictions (the metrics keep counts).
 """
 from __future__ import annotations
@@ -177,8 +177,8 @@ def _perplexity(model: str, data: str, batch_size: int, stride: Optional[int], d
     from lmforge.interop.hf import load
 
     net, tok, cfg = load(model, device)
-    if cfg.get("arch") not in ("gpt", "lstm"):
-        raise ConfigError(f"{model}: perplexity needs a causal language model (gpt or lstm), this is "
+    if cfg.get("arch") not in ("gpt", "lstm", "ngram"):
+        raise ConfigError(f"{model}: perplexity needs a causal language model (gpt, lstm or ngram), this is "
                           f"{cfg.get('arch')}; fine-tuned task models are evaluated on labelled task files")
     try:
         text = Path(data).read_text(encoding="utf-8")
@@ -188,6 +188,8 @@ def _perplexity(model: str, data: str, batch_size: int, stride: Optional[int], d
     if len(ids) < 2:
         raise DataError(f"{data}: fewer than 2 tokens; nothing to score")
     context = getattr(net.config, "context_length", None) or 512
+    # an n-gram model reads at most order-1 tokens back: windows of 512 with the default stride give
+    # every token its whole history, so the figure is exact (the same as scoring the file in one pass)
     stride = stride or max(1, context // 2)
     if not 1 <= stride <= context:
         raise ConfigError(f"stride must be in [1, {context}] (the context length), got {stride}")
@@ -215,10 +217,14 @@ def _perplexity(model: str, data: str, batch_size: int, stride: Optional[int], d
                 target = seq[1:].clone()
                 target[:first] = -100
                 y[i, : len(seq) - 1] = target
-            logits = net(x.to(device))
-            logits = getattr(logits, "logits", logits)
-            nll += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
-                                         reduction="sum"))
+            if hasattr(net, "token_logprobs"):  # n-gram: the scored tokens' log-probabilities only
+                y = y.to(device)
+                nll -= float(net.token_logprobs(x.to(device), y.clamp(min=0))[y >= 0].sum())
+            else:
+                logits = net(x.to(device))
+                logits = getattr(logits, "logits", logits)
+                nll += float(F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
+                                             reduction="sum"))
             count += int((y >= 0).sum())
     loss = nll / count
     return {"kind": "lm", "arch": cfg.get("arch"), "metrics": {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
