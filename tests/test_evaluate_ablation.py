@@ -134,6 +134,9 @@ def test_ablation_end_to_end(tmp_path):
     assert "random init" in (root / "random-seed1" / "config.yaml").read_text()
     md = (root / "report.md").read_text()
     assert "pretrained" in md and "random init" in md and "+-" in md
+    # the shared recipe is in the report (what both arms were trained with)
+    assert "- recipe: lr 0.001 (linear, warm-up 0 steps); batch 16; weight decay 0.01; precision auto" in md
+    assert report["recipe"]["train"]["lr"] == 1e-3 and "seed" not in report["recipe"]["train"]
     # refusing to run over an existing ablation without --overwrite
     with pytest.raises(Exception, match="--overwrite"):
         run_verb("ablation", ["--task", "classify", "--init_from", str(tmp_path / "base"), "--data.train",

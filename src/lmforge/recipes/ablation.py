@@ -68,7 +68,11 @@ def ablation(
             print(f"{arm:>6} seed {seed}: best dev {summary['best']['value']:.4f} at step {summary['best']['step']}"
                   + (f"; test {_main(summary['test'], task):.4f}" if "test" in summary else "")
                   + f" ({summary['wall_s']:.0f} s)", flush=True)
-    report = _report(task, init_from, data, runs, seeds, root)
+    from lmforge.config import to_dict
+
+    recipe = {"train": {k: v for k, v in to_dict(train).items() if k != "seed"}, "task_args": dict(task_args or {}),
+              "epochs": epochs, "warmup_ratio": warmup_ratio}
+    report = _report(task, init_from, data, runs, seeds, root, recipe)
     print(report["headline"], flush=True)
     print(f"report {root / 'report.md'}", flush=True)
     return report
@@ -82,7 +86,7 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def _report(task, init_from, data, runs, seeds, root: Path) -> dict[str, Any]:
+def _report(task, init_from, data, runs, seeds, root: Path, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     from lmforge import __version__
     from lmforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -101,7 +105,7 @@ def _report(task, init_from, data, runs, seeds, root: Path) -> dict[str, Any]:
                 f"pretraining {'+' if delta >= 0 else ''}{100 * delta:.2f} points")
     budget = runs["base"][0]
     report = {"task": task, "metric": metric, "init_from": str(init_from), "data": {k: v for k, v in vars(data).items()},
-              "seeds": seeds, "steps": budget["step"], "arms": rows, "delta_dev": delta, "headline": headline,
+              "seeds": seeds, "steps": budget["step"], "recipe": recipe or {}, "arms": rows, "delta_dev": delta, "headline": headline,
               "version": __version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_bytes(root / "curves.png", _curves_png(runs, metric, task))
     atomic_write_json(root / "report.json", report)
@@ -109,6 +113,7 @@ def _report(task, init_from, data, runs, seeds, root: Path) -> dict[str, Any]:
              f"- data: train `{data.train}`, dev `{data.dev}`" + (f", test `{data.test}`" if data.test else ""),
              f"- the same fine-tuning for both arms: {budget['step']} steps, seeds {', '.join(map(str, seeds))}; "
              f"dev {metric} of the best checkpoint (test: that checkpoint on the test file)",
+             *([_recipe_line(recipe)] if recipe else []),
              f"- lmforge {__version__}, {report['date']}", "",
              f"| arm | dev {metric} (mean +- sd) | test {metric} | per seed (dev) |", "|---|---|---|---|"]
     for arm, label in (("base", f"pretrained ({init_from})"), ("random", "random init")):
@@ -119,6 +124,22 @@ def _report(task, init_from, data, runs, seeds, root: Path) -> dict[str, Any]:
     lines += ["", f"**{headline}**", "", "![dev curves](curves.png)"]
     atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
     return report
+
+
+def _recipe_line(recipe: dict[str, Any]) -> str:
+    """The fine-tuning recipe both arms share, in one line of the report."""
+    t = recipe["train"]
+    parts = [f"lr {t['lr']:g} ({t['schedule']}"
+             + (f", warm-up ratio {recipe['warmup_ratio']:g}" if recipe.get("warmup_ratio") is not None
+                else f", warm-up {t['warmup_steps']} steps") + ")",
+             f"batch {t['batch_size']}", f"weight decay {t['weight_decay']:g}", f"precision {t['precision']}"]
+    if t.get("layer_decay") not in (None, 1.0):
+        parts.append(f"layer decay {t['layer_decay']:g}")
+    if recipe.get("epochs") is not None:
+        parts.append(f"{recipe['epochs']:g} epoch(s)")
+    if recipe.get("task_args"):
+        parts.append("task_args " + ", ".join(f"{k}={v}" for k, v in sorted(recipe["task_args"].items())))
+    return "- recipe: " + "; ".join(parts)
 
 
 def _curves_png(runs, metric: str, task: str) -> bytes:
