@@ -1,6 +1,7 @@
 """Issue 12: short proxy runs of pretraining recipes at equal compute, against the shipped preset.
 
-Each variant is the `bert_en_small` preset with some fields overridden (model shape, objective and its
+Each variant is the `bert_en_small` preset (today's: rotary positions, batch 16, lr 1e-3, bf16; `old-preset`
+is the recipe before issue 12) with some fields overridden (model shape, objective and its
 options, batch size, sequence length, learning rate and schedule). Every variant gets the same budget of
 CPU seconds on ONE torch thread (process CPU time, which is what wall time would be on a core of its own;
 on the shared machine wall time depends on the other jobs). Its step count comes from a speed probe of
@@ -54,6 +55,11 @@ NO_DROPOUT = {"dropout": 0.0, "attn_dropout": 0.0}
 # "seq_len": int}. Warm-up is given as a share of the steps ("warmup_frac"), since steps follow the budget.
 VARIANTS: dict[str, dict] = {
     "preset": {},
+    # the recipe the presets had before issue 12 (learned positions, batch 32, lr 5e-4, fp32); the sweep's
+    # first rows were measured against it: `--variants old-preset+batch16` reproduces "batch16" of then
+    "old-preset": {"model": {"position": "learned"},
+                   "train": {"batch_size": 32, "lr": 5e-4, "min_lr": 5e-5, "warmup_steps": 150, "max_steps": 2500,
+                             "precision": "fp32"}},
     "lr1e-3": {"train": {"lr": 1e-3, "min_lr": 1e-4}},
     "lr2e-3": {"train": {"lr": 2e-3, "min_lr": 2e-4}},
     "nodrop": {"model": NO_DROPOUT},
