@@ -16,7 +16,7 @@ model is the MLM, so the probe is the same).
     python bench/bench_pretrain_levers.py --list
     python bench/bench_pretrain_levers.py --probe runs/bert_en_small --data data/imdb_unsup --out bench/levers
 
-`--probe RUN` scores every complete checkpoint of a full pretraining run (and its final model) on the same
+`--probe RUN` scores every complete checkpoint of a full pretraining run (its last step included) on the same
 reference masks, in fp32, and writes OUT/<run>.json in the variants' format (x = tokens seen), so a full
 run and the recorded curve of the old preset share one plot (`--plot --x tokens`).
 
@@ -105,6 +105,29 @@ def cpu() -> float:
     return time.process_time()
 
 
+def reference_probe(prepared: tuple, eval_batches: int):
+    """validate(model) -> (loss, accuracy) on the preset's fixed validation masks (whole-word 15%, seed 1337,
+    batch 32 x 128: the batches the old preset's trainer validated on), fp32, in eval mode (the model's mode is restored)."""
+    train_split, val_split, tok = prepared  # open_prepared(data)
+    ref = MLMBatcher(MLMOptions(whole_word=True).masker(tok), train_split, val_split, seq_len=128, batch_size=32,
+                     seed=1337)
+    ref_obj = MLMObjective()
+
+    @torch.no_grad()
+    def validate(model) -> tuple[float, float]:
+        training = model.training
+        model.eval()
+        tot = acc = n = 0.0
+        for batch in ref.val_batches(eval_batches):
+            b = batch["input_ids"].shape[0]
+            loss, metrics = ref_obj.loss(model, batch)
+            tot, acc, n = tot + loss.item() * b, acc + metrics["mlm_acc"].item() * b, n + b
+        model.train(training)
+        return tot / n, acc / n
+
+    return validate
+
+
 def run_variant(name: str, recipe: dict, data: str, budget: float, eval_points: int, eval_batches: int,
                 probe_steps: int, save: Path | None = None) -> dict:
     train_split, val_split, tok = open_prepared(data)
@@ -115,10 +138,7 @@ def run_variant(name: str, recipe: dict, data: str, budget: float, eval_points: 
     ctx = ObjectiveContext(tokenizer=tok, train=train_split, val=val_split, seq_len=seq_len,
                            batch_size=preset_train.batch_size, seed=preset_train.seed, options=recipe["objective_args"])
     batcher, objective = _objective_builder(recipe["objective"])(ctx)
-    # the reference validation: the preset's masks (whole-word 15%, seed, batch 32 x 128)
-    ref = MLMBatcher(MLMOptions(whole_word=True).masker(tok), train_split, val_split, seq_len=128, batch_size=32,
-                     seed=1337)
-    ref_obj = MLMObjective()
+    validate = reference_probe((train_split, val_split, tok), eval_batches)  # the preset's masks (whole-word 15%, seed, batch 32 x 128)
 
     def build():
         torch.manual_seed(preset_train.seed)
@@ -141,17 +161,6 @@ def run_variant(name: str, recipe: dict, data: str, budget: float, eval_points: 
         optim.step()
         optim.zero_grad(set_to_none=True)
         return loss.item()
-
-    @torch.no_grad()
-    def validate(model) -> tuple[float, float]:
-        model.eval()
-        tot = acc = n = 0.0
-        for batch in ref.val_batches(eval_batches):
-            b = batch["input_ids"].shape[0]
-            loss, metrics = ref_obj.loss(model, batch)
-            tot, acc, n = tot + loss.item() * b, acc + metrics["mlm_acc"].item() * b, n + b
-        model.train()
-        return tot / n, acc / n
 
     # speed probe: the first steps of a throwaway copy (fastest half counts: the first steps warm caches)
     model = build()
@@ -204,35 +213,12 @@ def run_variant(name: str, recipe: dict, data: str, budget: float, eval_points: 
             "params": model.num_params(), "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
 
 
-def reference_probe(data: str, eval_batches: int):
-    """validate(model) -> (loss, accuracy) on the preset's fixed validation masks (whole-word 15%, seed 1337,
-    batch 32 x 128: the batches the old preset's trainer validated on), fp32, eval mode."""
-    train_split, val_split, tok = open_prepared(data)
-    ref = MLMBatcher(MLMOptions(whole_word=True).masker(tok), train_split, val_split, seq_len=128, batch_size=32,
-                     seed=1337)
-    ref_obj = MLMObjective()
-
-    @torch.no_grad()
-    def validate(model) -> tuple[float, float]:
-        model.eval()
-        tot = acc = n = 0.0
-        for batch in ref.val_batches(eval_batches):
-            b = batch["input_ids"].shape[0]
-            loss, metrics = ref_obj.loss(model, batch)
-            tot, acc, n = tot + loss.item() * b, acc + metrics["mlm_acc"].item() * b, n + b
-        return tot / n, acc / n
-
-    return validate
-
-
 def probe_run(run: Path, data: str, eval_batches: int) -> dict:
     """A finished (or running) pretraining run's checkpoints scored on the reference masks."""
     from lmforge.checkpoints import load_pretrained, read_config, step_checkpoints
 
-    validate = reference_probe(data, eval_batches)
-    ckpts = step_checkpoints(run)
-    if (run / "final").is_dir():
-        ckpts.append(run / "final")
+    validate = reference_probe(open_prepared(data), eval_batches)
+    ckpts = step_checkpoints(run)  # the trainer saves the last step as step-N too
     if not ckpts:
         raise SystemExit(f"{run}: no complete checkpoint to probe")
     cfg = read_config(ckpts[-1])
@@ -249,9 +235,7 @@ def probe_run(run: Path, data: str, eval_batches: int) -> dict:
                 wall[row["step"]] = row["train_s"]
     curve = []
     for ckpt in ckpts:
-        step = int(read_config(ckpt).get("step", 0)) if ckpt.name == "final" else int(ckpt.name.split("-")[1])
-        if ckpt.name == "final" and curve and curve[-1]["step"] == step:
-            continue
+        step = int(ckpt.name.split("-")[1])
         model, _, _ = load_pretrained(ckpt)
         vl, va = validate(model.float())
         curve.append({"step": step, "tokens": step * tokens_per_step, "cpu_s": wall.get(step, float("nan")),
@@ -259,7 +243,7 @@ def probe_run(run: Path, data: str, eval_batches: int) -> dict:
         print(f"[{run.name}] {ckpt.name}: val {vl:.4f} / {100 * va:.2f}%", flush=True)
     return {"name": run.name, "recipe": cfg, "steps": curve[-1]["step"], "tokens_per_step": tokens_per_step,
             "train_cpu_s": float("nan"), "wall_s": float("nan"), "eval_batches": eval_batches, "curve": curve,
-            "params": sum(p.numel() for p in load_pretrained(ckpts[-1])[0].parameters()), "probe": True}
+            "params": model.num_params(), "probe": True}
 
 
 def plot(out: Path, x_axis: str = "cpu", names: list[str] | None = None, path: Path | None = None) -> Path:

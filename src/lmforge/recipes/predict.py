@@ -12,13 +12,6 @@ from typing import Any, Optional
 from lmforge.errors import ConfigError, DataError
 
 
-def _inputs(path: Path) -> list[dict[str, Any]]:
-    """A .jsonl file of {"text": ..., "text_pair": ...} / {"words": [...]} objects (optionally gzipped)."""
-    from lmforge.data.readers import read_json_objects
-
-    return read_json_objects(path)
-
-
 def predict(
     model: str,
     data: str,
@@ -58,7 +51,9 @@ def predict(
     pred = Predictor.load(model, resolve_device(device))
     set_task_args(pred, task_args)
     if path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
-        inputs = _inputs(path)
+        from lmforge.data.readers import read_json_objects
+
+        inputs = read_json_objects(path)  # {"text": ..., "text_pair": ...} / {"words": [...]} objects
         results = pred.predict(inputs, batch_size=batch_size)
         echo = inputs
     else:
