@@ -238,7 +238,7 @@ def probe_run(run: Path, data: str, eval_batches: int) -> dict:
         step = int(ckpt.name.split("-")[1])
         model, _, _ = load_pretrained(ckpt)
         vl, va = validate(model.float())
-        curve.append({"step": step, "tokens": step * tokens_per_step, "cpu_s": wall.get(step, float("nan")),
+        curve.append({"step": step, "tokens": step * tokens_per_step, "wall_s": wall.get(step, float("nan")),
                       "val_loss": vl, "val_acc": va})
         print(f"[{run.name}] {ckpt.name}: val {vl:.4f} / {100 * va:.2f}%", flush=True)
     return {"name": run.name, "recipe": cfg, "steps": curve[-1]["step"], "tokens_per_step": tokens_per_step,
@@ -259,6 +259,9 @@ def plot(out: Path, x_axis: str = "cpu", names: list[str] | None = None, path: P
     for f in files:
         r = json.loads(f.read_text())
         c = r["curve"]
+        if x_axis == "cpu" and r.get("probe"):  # a probed run recorded wall time, not CPU time
+            print(f"{r['name']}: a probed run has no CPU times; plot it with --x tokens", flush=True)
+            continue
         x = [p["cpu_s"] / 60 for p in c] if x_axis == "cpu" else [p["tokens"] / 1e6 for p in c]
         a.plot(x, [p["val_loss"] for p in c], "o-", label=r["name"], ms=3)
         b.plot(x, [100 * p["val_acc"] for p in c], "o-", label=r["name"], ms=3)
