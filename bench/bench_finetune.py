@@ -88,8 +88,9 @@ def train_timed(args, model, train_ds, eval_ds, compute_metrics, key: str, colla
             clock["start"] = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
-            if state.global_step % args.eval_every == 0:
-                clock["t0"] = time.perf_counter()
+            # every step: the Trainer also evaluates after its last step, which need not be a multiple of
+            # eval_every (the clock read at the step before an evaluation is its training time)
+            clock["t0"] = time.perf_counter()
 
         def on_evaluate(self, a, state, control, metrics=None, **kw):
             curve.append((state.global_step, clock["t0"] - clock["start"] - clock["eval"], metrics[key]))
