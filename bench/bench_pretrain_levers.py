@@ -242,7 +242,7 @@ def probe_run(run: Path, data: str, eval_batches: int) -> dict:
                       "val_loss": vl, "val_acc": va})
         print(f"[{run.name}] {ckpt.name}: val {vl:.4f} / {100 * va:.2f}%", flush=True)
     return {"name": run.name, "recipe": cfg, "steps": curve[-1]["step"], "tokens_per_step": tokens_per_step,
-            "train_cpu_s": float("nan"), "wall_s": float("nan"), "eval_batches": eval_batches, "curve": curve,
+            "train_cpu_s": float("nan"), "wall_s": curve[-1]["wall_s"], "eval_batches": eval_batches, "curve": curve,
             "params": model.num_params(), "probe": True}
 
 

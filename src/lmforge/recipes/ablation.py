@@ -86,7 +86,7 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def _report(task, init_from, data, runs, seeds, root: Path, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+def _report(task, init_from, data, runs, seeds, root: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     from lmforge import __version__
     from lmforge.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -105,7 +105,7 @@ def _report(task, init_from, data, runs, seeds, root: Path, recipe: dict[str, An
                 f"pretraining {'+' if delta >= 0 else ''}{100 * delta:.2f} points")
     budget = runs["base"][0]
     report = {"task": task, "metric": metric, "init_from": str(init_from), "data": {k: v for k, v in vars(data).items()},
-              "seeds": seeds, "steps": budget["step"], "recipe": recipe or {}, "arms": rows, "delta_dev": delta, "headline": headline,
+              "seeds": seeds, "steps": budget["step"], "recipe": recipe, "arms": rows, "delta_dev": delta, "headline": headline,
               "version": __version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     atomic_write_bytes(root / "curves.png", _curves_png(runs, metric, task))
     atomic_write_json(root / "report.json", report)
@@ -113,7 +113,7 @@ def _report(task, init_from, data, runs, seeds, root: Path, recipe: dict[str, An
              f"- data: train `{data.train}`, dev `{data.dev}`" + (f", test `{data.test}`" if data.test else ""),
              f"- the same fine-tuning for both arms: {budget['step']} steps, seeds {', '.join(map(str, seeds))}; "
              f"dev {metric} of the best checkpoint (test: that checkpoint on the test file)",
-             *([_recipe_line(recipe)] if recipe else []),
+             _recipe_line(recipe),
              f"- lmforge {__version__}, {report['date']}", "",
              f"| arm | dev {metric} (mean +- sd) | test {metric} | per seed (dev) |", "|---|---|---|---|"]
     for arm, label in (("base", f"pretrained ({init_from})"), ("random", "random init")):
