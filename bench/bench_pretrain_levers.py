@@ -18,7 +18,11 @@ model is the MLM, so the probe is the same).
 
 `--probe RUN` scores every complete checkpoint of a full pretraining run (its last step included) on the same
 reference masks, in fp32, and writes OUT/<run>.json in the variants' format (x = tokens seen), so a full
-run and the recorded curve of the old preset share one plot (`--plot --x tokens`).
+run and the recorded curve of the old preset share one plot (`--plot --x tokens`). `--trainer_curve RUN ...`
+writes a run's own validation records instead (the trainer's masks, every `eval_every` steps), for runs
+whose step checkpoints were pruned:
+
+    python bench/bench_pretrain_levers.py --trainer_curve runs/bert_en_small runs/bert_en_2t --out bench/levers/trainer_runs --plot --x tokens
 
 Writes OUT/<variant>.json (curve: step, tokens seen, CPU seconds, val loss, val accuracy) and prints
 a summary table; `--plot` draws every variant in OUT into OUT/levers.png.
@@ -213,6 +217,34 @@ def run_variant(name: str, recipe: dict, data: str, budget: float, eval_points: 
             "params": model.num_params(), "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
 
 
+def trainer_curve(run: Path) -> dict:
+    """A pretraining run's own validation records (metrics.jsonl: the trainer's masks and precision, every
+    `eval_every` steps) in the variants' format, for runs whose step checkpoints were pruned. Runs of one
+    preset share their validation masks (seeded by the run's seed and batch index), so their curves compare;
+    they are not the reference masks of `--probe`."""
+    from lmforge.checkpoints import read_config
+
+    cfg = read_config(run)
+    tokens_per_step = cfg["train"]["batch_size"] * cfg["data"]["seq_len"]
+    curve = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("split") == "val" and "mlm_acc" in row:
+            curve.append({"step": row["step"], "tokens": row["step"] * tokens_per_step,
+                          "wall_s": row.get("train_s", float("nan")), "val_loss": row["loss"],
+                          "val_acc": row["mlm_acc"]})
+    if not curve:
+        raise SystemExit(f"{run}: no validation records with mlm_acc in metrics.jsonl")
+    threads = cfg["train"].get("threads")
+    return {"name": f"{run.name} ({curve[-1]['step']} steps, {threads} thread{'s' if threads != 1 else ''}; trainer masks)",
+            "recipe": cfg, "steps": curve[-1]["step"], "tokens_per_step": tokens_per_step,
+            "train_cpu_s": float("nan"), "wall_s": curve[-1]["wall_s"], "eval_batches": cfg["train"]["eval_batches"],
+            "curve": curve, "params": None, "probe": True}
+
+
 def probe_run(run: Path, data: str, eval_batches: int) -> dict:
     """A finished (or running) pretraining run's checkpoints scored on the reference masks."""
     from lmforge.checkpoints import load_pretrained, read_config, step_checkpoints
@@ -284,7 +316,7 @@ def summary(out: Path) -> str:
     for f in sorted(out.glob("*.json")):
         r = json.loads(f.read_text())
         end = r["curve"][-1]
-        rows.append([r["name"], f"{r['params'] / 1e6:.2f}M", r["steps"], r["tokens_per_step"],
+        rows.append([r["name"], f"{r['params'] / 1e6:.2f}M" if r.get("params") else "-", r["steps"], r["tokens_per_step"],
                      f"{end['tokens'] / 1e6:.2f}M", f"{r['train_cpu_s'] / 60:.1f}", f"{r['wall_s'] / 60:.1f}",
                      f"{end['val_loss']:.3f}", f"{100 * end['val_acc']:.1f}%"])
     return "\n".join(markdown_table(["variant", "params", "steps", "tokens/step", "tokens", "train CPU min",
@@ -305,6 +337,8 @@ def main() -> None:
     p.add_argument("--out", default="bench/levers")
     p.add_argument("--save", default=None, help="also save each variant's final model here (SAVE/<variant>)")
     p.add_argument("--probe", nargs="*", default=None, help="score these runs' checkpoints on the reference masks")
+    p.add_argument("--trainer_curve", nargs="*", default=None,
+                   help="write these runs' own validation records (trainer masks) to OUT, for --plot")
     p.add_argument("--list", action="store_true")
     p.add_argument("--plot", action="store_true")
     p.add_argument("--x", choices=["cpu", "tokens"], default="cpu", help="x axis of the plot")
@@ -321,6 +355,13 @@ def main() -> None:
         for run in args.probe:
             r = probe_run(Path(run), args.data, args.eval_batches)
             (out / f"{r['name']}.json").write_text(json.dumps(r, indent=1))
+        return
+    if args.trainer_curve is not None:
+        for run in args.trainer_curve:
+            (out / f"{Path(run).name}.json").write_text(json.dumps(trainer_curve(Path(run)), indent=1))
+        print(summary(out))
+        if args.plot:
+            print(f"plot: {plot(out, args.x)}")
         return
     if args.variants:
         for name in args.variants.split(","):
