@@ -358,3 +358,49 @@ def test_column_names_starting_with_hash(tmp_path):
                                     "--train.device", "cpu", "--train.progress", "false", "--name", "p",
                                     "--runs_dir", str(tmp_path / "runs")])
     assert summary["labels"] == ["neg", "pos"] and summary["train_stats"]["examples"] == 40
+
+
+def test_init_from_changes_only_the_base_dropout(cls_data, tmp_path, capsys):
+    """`--model.dropout` / `--model.attn_dropout` with --init_from: the base's weights in a model built with
+    the new rates (a base pretrained without dropout can be fine-tuned with it, both arms of an ablation);
+    any other --model field, or a rate outside [0, 1), is one line and exit 2 before any output exists."""
+    from torch import nn
+
+    from lmforge.models import build_model
+    from lmforge.recipes.finetune import _base
+    from lmforge.text.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import save_checkpoint
+
+    tok = Tokenizer.load(cls_data / "tok.json")
+    values = {"vocab_size": tok.vocab_size, "max_position": 64, "n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32,
+              "dropout": 0.0, "attn_dropout": 0.0}
+    torch.manual_seed(0)
+    base = build_model("bert", values)
+    save_checkpoint(tmp_path / "base", model=base, config={"arch": "bert", "model": values}, tokenizer=tok)
+
+    tuned, _, _, tuned_values, _ = _base(str(tmp_path / "base"), None, {"dropout": 0.1, "attn_dropout": 0.2}, None,
+                                         False, 1)
+    assert tuned_values["dropout"] == 0.1 and tuned_values["attn_dropout"] == 0.2
+    assert {m.p for m in tuned.modules() if isinstance(m, nn.Dropout)} == {0.1}
+    assert {m.attn_dropout for m in tuned.modules() if isinstance(getattr(m, "attn_dropout", None), float)} == {0.2}
+    for (k, v), (k2, v2) in zip(base.state_dict().items(), tuned.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    fresh, _, _, fresh_values, _ = _base(str(tmp_path / "base"), None, {"dropout": 0.1}, None, True, 1)
+    assert fresh_values["dropout"] == 0.1 and fresh_values["attn_dropout"] == 0.0
+    assert not torch.equal(fresh.state_dict()["embeddings.word_embeddings.weight"],
+                           base.state_dict()["embeddings.word_embeddings.weight"])
+
+    args = ["--task", "classify", "--init_from", str(tmp_path / "base"), "--data.train", str(cls_data / "train.tsv"),
+            "--data.dev", str(cls_data / "dev.tsv"), "--data.text", "sentence", "--data.label", "label",
+            "--data.max_length", "32", "--train.max_steps", "2", "--train.eval_every", "2", "--train.device", "cpu",
+            "--train.progress", "false", "--train.tensorboard", "false", "--runs_dir", str(tmp_path / "runs")]
+    run_verb("finetune", args + ["--model.dropout", "0.1", "--name", "ok"])
+    assert "dropout: 0.1" in (tmp_path / "runs" / "ok" / "best" / "config.yaml").read_text()
+    err = cli_error(["finetune", *args, "--model.n_layer", "2", "--name", "bad"], capsys)
+    assert err.endswith("--model.n_layer: with --init_from the architecture comes from the base; only "
+                        "--model.dropout, --model.attn_dropout may be changed")
+    err = cli_error(["finetune", *args, "--model.dropout", "1.5", "--name", "bad"], capsys)
+    assert err.endswith("--model.dropout must be a rate in [0, 1), got 1.5")
+    err = cli_error(["ablation", *args, "--model.d_model", "8", "--name", "bad"], capsys)
+    assert "--model.d_model: with --init_from the architecture comes from the base" in err
+    assert not (tmp_path / "runs" / "bad").exists()

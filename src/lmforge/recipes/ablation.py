@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lmforge.errors import ConfigError
-from lmforge.recipes.finetune import FINETUNE_TRAIN, finetune
+from lmforge.recipes.finetune import FINETUNE_TRAIN, _check_base_overrides, finetune
 from lmforge.tasks.base import TaskData
 from lmforge.train.config import TrainConfig
 
@@ -19,6 +19,7 @@ def ablation(
     init_from: str,
     data: TaskData = TaskData(),
     task_args: Optional[dict[str, Any]] = None,
+    model: Optional[dict[str, Any]] = None,
     epochs: Optional[float] = None,
     warmup_ratio: Optional[float] = None,
     train: TrainConfig = FINETUNE_TRAIN,
@@ -34,6 +35,8 @@ def ablation(
         init_from: the pretrained base (lmforge run, transformers directory, minilm-l6).
         data: the splits (`--data.train --data.dev [--data.test] --data.text ...`), as for finetune.
         task_args: the head's options, as for finetune.
+        model: the base's dropout rates for fine-tuning, both arms (`--model.dropout 0.1
+            --model.attn_dropout 0.1`; default: the base's own).
         epochs: passes over the training data (the same for both arms).
         warmup_ratio: warm-up as a fraction of the steps.
         train: the training loop, the same for both arms (its seed is replaced by each of `seeds`).
@@ -47,6 +50,8 @@ def ablation(
 
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be distinct and at least one, got {seeds}")
+    if model:
+        _check_base_overrides(model)
     train = train or FINETUNE_TRAIN
     if not (data and data.dev):
         raise ConfigError("the ablation compares dev scores: give --data.dev")
@@ -61,7 +66,7 @@ def ablation(
         for arm in ("base", "random"):
             from dataclasses import replace
 
-            summary = finetune(task, data=data, task_args=task_args, init_from=init_from, random_init=arm == "random",
+            summary = finetune(task, data=data, task_args=task_args, model=model, init_from=init_from, random_init=arm == "random",
                                epochs=epochs, warmup_ratio=warmup_ratio, train=replace(train, seed=seed),
                                name=f"{name}/{arm}-seed{seed}", runs_dir=runs_dir, quiet=True)
             runs[arm].append({"seed": seed, **summary})
@@ -71,7 +76,7 @@ def ablation(
     from lmforge.config import to_dict
 
     recipe = {"train": {k: v for k, v in to_dict(train).items() if k != "seed"}, "task_args": dict(task_args or {}),
-              "epochs": epochs, "warmup_ratio": warmup_ratio}
+              "model": dict(model or {}), "epochs": epochs, "warmup_ratio": warmup_ratio}
     report = _report(task, init_from, data, runs, seeds, root, recipe)
     print(report["headline"], flush=True)
     print(f"report {root / 'report.md'}", flush=True)
@@ -139,6 +144,8 @@ def _recipe_line(recipe: dict[str, Any]) -> str:
         parts.append(f"{recipe['epochs']:g} epoch(s)")
     if recipe.get("task_args"):
         parts.append("task_args " + ", ".join(f"{k}={v}" for k, v in sorted(recipe["task_args"].items())))
+    if recipe.get("model"):
+        parts.append("base " + ", ".join(f"{k}={v}" for k, v in sorted(recipe["model"].items())))
     return "- recipe: " + "; ".join(parts)
 
 

@@ -25,6 +25,21 @@ FINETUNE_TRAIN = TrainConfig(max_steps=1000, batch_size=32, lr=5e-5, min_lr=0.0,
                              weight_decay=0.01, beta2=0.999, eval_every=200, log_every=20, keep_checkpoints=1)
 
 
+# `--model.*` fields that may differ from an --init_from base's: fine-tuning often wants dropout where
+# pretraining had none (a base pretrained without dropout, fine-tuned on a small labelled set).
+BASE_OVERRIDABLE = ("dropout", "attn_dropout")
+
+
+def _check_base_overrides(model: dict[str, Any]) -> None:
+    """`--model.*` with `--init_from`: only BASE_OVERRIDABLE fields, each a rate in [0, 1)."""
+    for k, v in model.items():
+        if k not in BASE_OVERRIDABLE:
+            raise ConfigError(f"--model.{k}: with --init_from the architecture comes from the base; only "
+                              f"{', '.join('--model.' + f for f in BASE_OVERRIDABLE)} may be changed")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise ConfigError(f"--model.{k} must be a rate in [0, 1), got {v!r}")
+
+
 def _base(init_from: Optional[str], arch: Optional[str], model: Optional[dict], tokenizer: Optional[str],
           random_init: bool, seed: int):
     """(backbone, tokenizer, arch, model config dict, what it started from)."""
@@ -32,14 +47,25 @@ def _base(init_from: Optional[str], arch: Optional[str], model: Optional[dict], 
     from lmforge.text.tokenizer import Tokenizer
 
     if init_from is not None:
-        if arch is not None or model:
-            raise ConfigError("--init_from takes the architecture from the base; do not also give --arch/--model.*")
+        if arch is not None:
+            raise ConfigError("--init_from takes the architecture from the base; do not also give --arch")
         if tokenizer is not None:
             raise ConfigError("--init_from brings its own tokenizer; do not also give --tokenizer")
         from lmforge.interop.hf import load
 
         base, tok, cfg = load(init_from)
         arch, values = cfg["arch"], dict(cfg["model"])
+        if model:  # only the dropout rates: they regularise fine-tuning and change no weight
+            allowed = [k for k in BASE_OVERRIDABLE if k in values]
+            bad = sorted(set(model) - set(allowed))
+            if bad:
+                raise ConfigError(f"--model.{bad[0]}: with --init_from the architecture comes from the base; only "
+                                  f"{', '.join('--model.' + k for k in allowed) or 'nothing'} may be changed")
+            values = to_dict(model_config(arch, {**values, **model}))  # checks the values
+            if not random_init:  # the base's weights in a model built with the new rates
+                tuned = build_model(arch, values)
+                tuned.load_state_dict(base.state_dict())
+                base = tuned
         if random_init:  # the same architecture and tokenizer, fresh weights (the ablation's control)
             torch.manual_seed(seed)
             base = build_model(arch, values)
@@ -85,7 +111,8 @@ def finetune(
         random_init: use init_from's architecture and tokenizer but fresh random weights (the control of
             the pretraining ablation).
         arch: from scratch: the architecture (bert, gpt, lstm), with `--model.*` and `--tokenizer`.
-        model: from scratch: the architecture's config fields.
+        model: from scratch: the architecture's config fields; with `init_from`, only the base's dropout
+            rates (`--model.dropout 0.1 --model.attn_dropout 0.1`), for both arms of an ablation.
         tokenizer: from scratch: a tokenizer.json.
         epochs: passes over the training data (sets train.max_steps); default: train.max_steps.
         warmup_ratio: warm-up as a fraction of the steps (sets train.warmup_steps).
@@ -115,6 +142,10 @@ def finetune(
         raise ConfigError(f"epochs must be > 0, got {epochs}")
     if warmup_ratio is not None and not 0 <= warmup_ratio < 1:
         raise ConfigError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    if init_from is not None:  # before any output exists; the base's own fields are checked once it is loaded
+        if arch is not None:
+            raise ConfigError("--init_from takes the architecture from the base; do not also give --arch")
+        _check_base_overrides(model or {})
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     from lmforge.recipes.pretrain import RUN_OUTPUTS, run_directory
