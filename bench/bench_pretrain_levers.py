@@ -50,7 +50,7 @@ from lmforge.recipes.pretrain import _objective_builder, resolve_model_config  #
 from lmforge.train.config import TrainConfig  # noqa: E402
 from lmforge.train.mlm import MLMObjective, MLMOptions  # noqa: E402
 from lmforge.train.protocols import ObjectiveContext  # noqa: E402
-from lmforge.train.trainer import autocast_for, build_optimizer, lr_at, step_seed  # noqa: E402
+from lmforge.train.trainer import autocast_for, build_optimizer, lr_at, read_metrics, step_seed  # noqa: E402
 
 PRESETS = Path(__file__).resolve().parents[1] / "src" / "lmforge" / "presets"
 NO_DROPOUT = {"dropout": 0.0, "attn_dropout": 0.0}
@@ -226,16 +226,9 @@ def trainer_curve(run: Path) -> dict:
 
     cfg = read_config(run)
     tokens_per_step = cfg["train"]["batch_size"] * cfg["data"]["seq_len"]
-    curve = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("split") == "val" and "mlm_acc" in row:
-            curve.append({"step": row["step"], "tokens": row["step"] * tokens_per_step,
-                          "wall_s": row.get("train_s", float("nan")), "val_loss": row["loss"],
-                          "val_acc": row["mlm_acc"]})
+    curve = [{"step": row["step"], "tokens": row["step"] * tokens_per_step, "wall_s": row.get("train_s", float("nan")),
+              "val_loss": row["loss"], "val_acc": row["mlm_acc"]}
+             for row in read_metrics(run / "metrics.jsonl") if row.get("split") == "val" and "mlm_acc" in row]
     if not curve:
         raise SystemExit(f"{run}: no validation records with mlm_acc in metrics.jsonl")
     threads = cfg["train"].get("threads")
@@ -255,16 +248,8 @@ def probe_run(run: Path, data: str, eval_batches: int) -> dict:
         raise SystemExit(f"{run}: no complete checkpoint to probe")
     cfg = read_config(ckpts[-1])
     tokens_per_step = cfg["train"]["batch_size"] * cfg["data"]["seq_len"]
-    wall = {}  # step -> wall seconds since the start, from the run's metrics
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if "train_s" in row:
-                wall[row["step"]] = row["train_s"]
+    metrics = run / "metrics.jsonl"  # step -> seconds of training since the start, from the run's metrics
+    wall = {row["step"]: row["train_s"] for row in (read_metrics(metrics) if metrics.is_file() else []) if "train_s" in row}
     curve = []
     for ckpt in ckpts:
         step = int(ckpt.name.split("-")[1])

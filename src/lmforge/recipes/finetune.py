@@ -30,12 +30,13 @@ FINETUNE_TRAIN = TrainConfig(max_steps=1000, batch_size=32, lr=5e-5, min_lr=0.0,
 BASE_OVERRIDABLE = ("dropout", "attn_dropout")
 
 
-def _check_base_overrides(model: dict[str, Any]) -> None:
-    """`--model.*` with `--init_from`: only BASE_OVERRIDABLE fields, each a rate in [0, 1)."""
+def _check_base_overrides(model: dict[str, Any], fields: tuple[str, ...] = BASE_OVERRIDABLE) -> None:
+    """`--model.*` with `--init_from`: only `fields` (BASE_OVERRIDABLE, or those of them a loaded base has),
+    each a rate in [0, 1)."""
     for k, v in model.items():
-        if k not in BASE_OVERRIDABLE:
+        if k not in fields:
             raise ConfigError(f"--model.{k}: with --init_from the architecture comes from the base; only "
-                              f"{', '.join('--model.' + f for f in BASE_OVERRIDABLE)} may be changed")
+                              f"{', '.join('--model.' + f for f in fields) or 'nothing'} may be changed")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
             raise ConfigError(f"--model.{k} must be a rate in [0, 1), got {v!r}")
 
@@ -56,11 +57,7 @@ def _base(init_from: Optional[str], arch: Optional[str], model: Optional[dict], 
         base, tok, cfg = load(init_from)
         arch, values = cfg["arch"], dict(cfg["model"])
         if model:  # only the dropout rates: they regularise fine-tuning and change no weight
-            allowed = [k for k in BASE_OVERRIDABLE if k in values]
-            bad = sorted(set(model) - set(allowed))
-            if bad:
-                raise ConfigError(f"--model.{bad[0]}: with --init_from the architecture comes from the base; only "
-                                  f"{', '.join('--model.' + k for k in allowed) or 'nothing'} may be changed")
+            _check_base_overrides(model, tuple(k for k in BASE_OVERRIDABLE if k in values))
             values = to_dict(model_config(arch, {**values, **model}))  # checks the values
             if not random_init:  # the base's weights in a model built with the new rates
                 tuned = build_model(arch, values)
