@@ -142,3 +142,57 @@ def test_ablation_end_to_end(tmp_path):
         run_verb("ablation", ["--task", "classify", "--init_from", str(tmp_path / "base"), "--data.train",
                               str(tmp_path / "train.tsv"), "--data.dev", str(tmp_path / "dev.tsv"), "--name", "abl",
                               "--runs_dir", str(tmp_path / "runs")])
+
+
+@pytest.fixture
+def tiny_ablation(tmp_path):
+    """A 1-layer BERT base and a small sentiment-like table; returns (args for `ablation`, runs dir)."""
+    from test_finetune import sentence, write_table
+
+    rng = random.Random(5)
+    for split, n in (("train", 64), ("dev", 24)):
+        write_table(tmp_path / f"{split}.tsv", [(sentence(rng, lab), lab) for lab in
+                                                 (rng.choice(["pos", "neg"]) for _ in range(n))])
+    texts = [l.split("\t")[0] for l in (tmp_path / "train.tsv").read_text().splitlines()[1:]]
+    tok = train_tokenizer(texts, kind="wordpiece", vocab_size=100, min_frequency=1)
+    values = {"vocab_size": tok.vocab_size, "max_position": 32, "n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "base", model=build_model("bert", values), config={"arch": "bert", "model": values},
+                    tokenizer=tok)
+    args = ["--task", "classify", "--init_from", str(tmp_path / "base"), "--data.train", str(tmp_path / "train.tsv"),
+            "--data.dev", str(tmp_path / "dev.tsv"), "--data.text", "sentence", "--data.label", "label",
+            "--train.max_steps", "4", "--train.eval_every", "2", "--train.batch_size", "16", "--train.lr", "1e-3",
+            "--train.device", "cpu", "--train.threads", "1", "--seeds", "[1, 2]", "--runs_dir", str(tmp_path / "runs")]
+    return args, tmp_path / "runs"
+
+
+def test_ablation_jobs_give_the_serial_numbers(tiny_ablation):
+    """Four fine-tunings in two processes at once: every run's dev curve equals the one-at-a-time run's."""
+    args, runs = tiny_ablation
+    serial = run_verb("ablation", [*args, "--name", "serial"])
+    parallel = run_verb("ablation", [*args, "--name", "parallel", "--jobs", "2"])
+    for arm in ("base", "random"):
+        assert parallel["arms"][arm]["per_seed"] and [
+            (p["seed"], p["dev"], p["best_step"]) for p in parallel["arms"][arm]["per_seed"]] == [
+            (p["seed"], p["dev"], p["best_step"]) for p in serial["arms"][arm]["per_seed"]]
+        for seed in (1, 2):
+            curves = []
+            for name in ("serial", "parallel"):
+                rows = [json.loads(l) for l in (runs / name / f"{arm}-seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+                curves.append([(r["step"], r["loss"]) for r in rows if r.get("split") == "train"])
+            assert curves[0] and curves[0] == curves[1]
+    assert parallel["delta_dev"] == serial["delta_dev"]
+    assert (runs / "parallel" / "report.md").is_file()
+
+
+def test_ablation_jobs_errors(tiny_ablation, capsys):
+    args, runs = tiny_ablation
+    assert main(["ablation", *args, "--name", "j0", "--jobs", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "jobs must be a whole number of at least 1, got 0" in err
+    assert not (runs / "j0").exists()
+    # a mistake found inside a worker process reaches the user as the same one line, exit 2
+    assert main(["ablation", *args, "--name", "bad", "--jobs", "2", "--task_args.pooling", "sideways"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pooling" in err and "sideways" in err, err
+    assert not any((runs / "bad").glob("*/*"))

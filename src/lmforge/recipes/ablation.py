@@ -3,6 +3,7 @@ initialisation of the same architecture and tokenizer, with the same data, budge
 side by side (mean +- sd over seeds, dev curves of both in one PNG) in `report.md` / `report.json`."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ def ablation(
     warmup_ratio: Optional[float] = None,
     train: TrainConfig = FINETUNE_TRAIN,
     seeds: list[int] = [1, 2, 3],  # noqa: B006 (a default list is read, never changed)
+    jobs: int = 1,
     name: Optional[str] = None,
     runs_dir: str = "runs",
     overwrite: bool = False,
@@ -41,6 +43,9 @@ def ablation(
         warmup_ratio: warm-up as a fraction of the steps.
         train: the training loop, the same for both arms (its seed is replaced by each of `seeds`).
         seeds: one fine-tuning per arm and seed.
+        jobs: fine-tunings run at once, each in its own process (the runs are independent, so the
+            numbers are those of one at a time). With more than one and no --train.threads, each
+            process gets an equal share of the CPU cores (at least one thread).
         name: the ablation's folder under RUNS_DIR (default: ablation-TASK-TIMESTAMP); each fine-tuning
             is a run inside it (base-seed1, random-seed1, ...), and the report is written there.
         runs_dir: where the folder is created.
@@ -50,6 +55,8 @@ def ablation(
 
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be distinct and at least one, got {seeds}")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs must be a whole number of at least 1, got {jobs!r}")
     if model:
         _check_base_overrides(model)
     train = train or FINETUNE_TRAIN
@@ -61,18 +68,34 @@ def ablation(
         import shutil
 
         shutil.rmtree(root)
-    runs: dict[str, list[dict[str, Any]]] = {"base": [], "random": []}
-    for seed in seeds:
-        for arm in ("base", "random"):
-            from dataclasses import replace
+    from dataclasses import replace
 
-            summary = finetune(task, data=data, task_args=task_args, model=model, init_from=init_from, random_init=arm == "random",
-                               epochs=epochs, warmup_ratio=warmup_ratio, train=replace(train, seed=seed),
-                               name=f"{name}/{arm}-seed{seed}", runs_dir=runs_dir, quiet=True)
-            runs[arm].append({"seed": seed, **summary})
-            print(f"{arm:>6} seed {seed}: best dev {summary['best']['value']:.4f} at step {summary['best']['step']}"
-                  + (f"; test {_main(summary['test'], task):.4f}" if "test" in summary else "")
-                  + f" ({summary['wall_s']:.0f} s)", flush=True)
+    plan = [(seed, arm) for seed in seeds for arm in ("base", "random")]
+    jobs = min(jobs, len(plan))
+    if jobs > 1 and train.threads is None:
+        train = replace(train, threads=max(1, (os.cpu_count() or 1) // jobs))
+    kwargs = {(seed, arm): dict(task=task, data=data, task_args=task_args, model=model, init_from=init_from,
+                                random_init=arm == "random", epochs=epochs, warmup_ratio=warmup_ratio,
+                                train=replace(train, seed=seed), name=f"{name}/{arm}-seed{seed}", runs_dir=runs_dir,
+                                quiet=True)
+              for seed, arm in plan}
+    summaries: dict[tuple[int, str], dict[str, Any]] = {}
+
+    def done(key: tuple[int, str], summary: dict[str, Any]) -> None:
+        summaries[key] = summary
+        seed, arm = key
+        print(f"{arm:>6} seed {seed}: best dev {summary['best']['value']:.4f} at step {summary['best']['step']}"
+              + (f"; test {_main(summary['test'], task):.4f}" if "test" in summary else "")
+              + f" ({summary['wall_s']:.0f} s)", flush=True)
+
+    if jobs == 1:
+        for key in plan:
+            done(key, finetune(**kwargs[key]))
+    else:
+        _run_parallel(plan, kwargs, jobs, done)
+    runs: dict[str, list[dict[str, Any]]] = {"base": [], "random": []}
+    for seed, arm in plan:
+        runs[arm].append({"seed": seed, **summaries[(seed, arm)]})
     from lmforge.config import to_dict
 
     recipe = {"train": {k: v for k, v in to_dict(train).items() if k != "seed"}, "task_args": dict(task_args or {}),
@@ -81,6 +104,32 @@ def ablation(
     print(report["headline"], flush=True)
     print(f"report {root / 'report.md'}", flush=True)
     return report
+
+
+def _finetune_job(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return finetune(**kwargs)
+
+
+def _run_parallel(plan, kwargs, jobs: int, done) -> None:
+    """Run the fine-tunings of PLAN in JOBS fresh processes at once ('spawn': nothing of this process's
+    torch state is inherited), calling DONE as each finishes. The first failure stops the others and is
+    raised here (a user mistake keeps its one-line message)."""
+    import multiprocessing
+
+    pool = multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1)
+    try:
+        pending = {key: pool.apply_async(_finetune_job, (kwargs[key],)) for key in plan}
+        while pending:
+            for key in [k for k, r in pending.items() if r.ready()]:
+                done(key, pending.pop(key).get())
+            if pending:
+                next(iter(pending.values())).wait(0.5)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def _main(values: dict[str, float], task: str) -> float:
