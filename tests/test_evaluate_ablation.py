@@ -100,11 +100,12 @@ def test_perplexity_errors(tiny_gpt, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_ablation_end_to_end(tmp_path):
+def write_base_and_tables(tmp_path, seed: int, n_train: int, n_dev: int) -> None:
+    """TMP_PATH/{train,dev}.tsv (sentence, label: pos/neg) and a 1-layer BERT base TMP_PATH/base."""
     from test_finetune import sentence, write_table
 
-    rng = random.Random(3)
-    for split, n in (("train", 96), ("dev", 32)):
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("dev", n_dev)):
         write_table(tmp_path / f"{split}.tsv", [(sentence(rng, lab), lab) for lab in
                                                  (rng.choice(["pos", "neg"]) for _ in range(n))])
     texts = [l.split("\t")[0] for l in (tmp_path / "train.tsv").read_text().splitlines()[1:]]
@@ -113,6 +114,10 @@ def test_ablation_end_to_end(tmp_path):
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "base", model=build_model("bert", values), config={"arch": "bert", "model": values},
                     tokenizer=tok)
+
+
+def test_ablation_end_to_end(tmp_path):
+    write_base_and_tables(tmp_path, seed=3, n_train=96, n_dev=32)
     report = run_verb("ablation", ["--task", "classify", "--init_from", str(tmp_path / "base"),
                                    "--data.train", str(tmp_path / "train.tsv"), "--data.dev", str(tmp_path / "dev.tsv"),
                                    "--data.text", "sentence", "--data.label", "label", "--train.max_steps", "6",
@@ -147,18 +152,7 @@ def test_ablation_end_to_end(tmp_path):
 @pytest.fixture
 def tiny_ablation(tmp_path):
     """A 1-layer BERT base and a small sentiment-like table; returns (args for `ablation`, runs dir)."""
-    from test_finetune import sentence, write_table
-
-    rng = random.Random(5)
-    for split, n in (("train", 64), ("dev", 24)):
-        write_table(tmp_path / f"{split}.tsv", [(sentence(rng, lab), lab) for lab in
-                                                 (rng.choice(["pos", "neg"]) for _ in range(n))])
-    texts = [l.split("\t")[0] for l in (tmp_path / "train.tsv").read_text().splitlines()[1:]]
-    tok = train_tokenizer(texts, kind="wordpiece", vocab_size=100, min_frequency=1)
-    values = {"vocab_size": tok.vocab_size, "max_position": 32, "n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32}
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "base", model=build_model("bert", values), config={"arch": "bert", "model": values},
-                    tokenizer=tok)
+    write_base_and_tables(tmp_path, seed=5, n_train=64, n_dev=24)
     args = ["--task", "classify", "--init_from", str(tmp_path / "base"), "--data.train", str(tmp_path / "train.tsv"),
             "--data.dev", str(tmp_path / "dev.tsv"), "--data.text", "sentence", "--data.label", "label",
             "--train.max_steps", "4", "--train.eval_every", "2", "--train.batch_size", "16", "--train.lr", "1e-3",
