@@ -160,11 +160,17 @@ def tiny_ablation(tmp_path):
     return args, tmp_path / "runs"
 
 
-def test_ablation_jobs_give_the_serial_numbers(tiny_ablation):
+def test_ablation_jobs_give_the_serial_numbers(tiny_ablation, capfd):
     """Four fine-tunings in two processes at once: every run's dev curve equals the one-at-a-time run's."""
     args, runs = tiny_ablation
     serial = run_verb("ablation", [*args, "--name", "serial"])
+    capfd.readouterr()
     parallel = run_verb("ablation", [*args, "--name", "parallel", "--jobs", "2"])
+    # the workers' evaluation lines say whose they are (they interleave on one terminal)
+    lines = capfd.readouterr().out.splitlines()
+    for tag in ("[base seed 1] step 2: val", "[random seed 2] step 4: val"):
+        assert any(line.startswith(tag) for line in lines), lines
+    assert not any(line.startswith("step ") for line in lines), lines
     for arm in ("base", "random"):
         assert parallel["arms"][arm]["per_seed"] and [
             (p["seed"], p["dev"], p["best_step"]) for p in parallel["arms"][arm]["per_seed"]] == [

@@ -106,7 +106,29 @@ def ablation(
     return report
 
 
-def _finetune_job(kwargs: dict[str, Any]) -> dict[str, Any]:
+class _Prefixed:
+    """A text stream that starts every line written to STREAM with PREFIX (a worker's evaluation lines
+    interleave with the other workers' on one terminal)."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.at_line_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start:
+                self.stream.write(self.prefix)
+            self.stream.write(piece)
+            self.at_line_start = piece.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _finetune_job(kwargs: dict[str, Any], prefix: str) -> dict[str, Any]:
+    import sys
+
+    sys.stdout = _Prefixed(sys.stdout, prefix)
     return finetune(**kwargs)
 
 
@@ -118,7 +140,7 @@ def _run_parallel(plan, kwargs, jobs: int, done) -> None:
 
     pool = multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1)
     try:
-        pending = {key: pool.apply_async(_finetune_job, (kwargs[key],)) for key in plan}
+        pending = {key: pool.apply_async(_finetune_job, (kwargs[key], f"[{key[1]} seed {key[0]}] ")) for key in plan}
         while pending:
             for key in [k for k, r in pending.items() if r.ready()]:
                 done(key, pending.pop(key).get())

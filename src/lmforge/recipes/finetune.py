@@ -119,7 +119,7 @@ def finetune(
         runs_dir: where run directories are created.
         resume: continue a stopped fine-tuning exactly: 'latest' or a checkpoint path.
         overwrite: start the run NAME again, replacing its old outputs (other files in its folder stay).
-        quiet: no progress bar or per-evaluation lines.
+        quiet: no progress bar and no opening or closing lines (the per-evaluation lines stay).
     """
     from lmforge.data.task_batches import TaskBatcher
     from lmforge.models.task_model import TaskModel
