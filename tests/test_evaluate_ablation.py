@@ -196,3 +196,41 @@ def test_ablation_jobs_errors(tiny_ablation, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pooling" in err and "sideways" in err, err
     assert not any((runs / "bad").glob("*/*"))
+
+
+def _die_or_wait(kwargs):
+    """A stand-in fine-tuning for a worker process: one writes its pid and sleeps; the other waits for that
+    pid, then dies without a word (exit code 9)."""
+    import os
+    import time
+
+    pid_file = kwargs["pid_file"]
+    if kwargs["die"]:
+        while not os.path.exists(pid_file):
+            time.sleep(0.05)
+        os._exit(9)
+    with open(pid_file + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(pid_file + ".tmp", pid_file)
+    time.sleep(600)
+    return {}
+
+
+def test_a_worker_that_dies_is_named_and_the_others_stopped(tmp_path):
+    """A worker killed without a word (as the kernel's out-of-memory killer does) is one clear error
+    naming its arm, seed and exit code, and the other, still running, is stopped rather than waited for."""
+    import os
+
+    from lmforge.errors import LmforgeError
+    from lmforge.recipes.ablation import _run_parallel
+
+    pid_file = str(tmp_path / "pid")
+    plan = [(1, "base"), (1, "random")]
+    kwargs = {(1, "base"): {"die": False, "pid_file": pid_file}, (1, "random"): {"die": True, "pid_file": pid_file}}
+    finished = []
+    with pytest.raises(LmforgeError, match=r"the random arm's fine-tuning for seed 1 ended without a result: "
+                                           r"its process exited with code 9 "):
+        _run_parallel(plan, kwargs, 2, lambda key, value: finished.append(key), job=_die_or_wait)
+    assert finished == []
+    with pytest.raises(ProcessLookupError):  # terminated and reaped
+        os.kill(int(open(pid_file).read()), 0)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.recipes.finetune import FINETUNE_TRAIN, _check_base_overrides, finetune
 from lmforge.tasks.base import TaskData
 from lmforge.train.config import TrainConfig
@@ -125,33 +125,66 @@ class _Prefixed:
         self.stream.flush()
 
 
-def _finetune_job(kwargs: dict[str, Any], prefix: str) -> dict[str, Any]:
-    import sys
-
-    sys.stdout = _Prefixed(sys.stdout, prefix)
+def _finetune_job(kwargs: dict[str, Any]) -> dict[str, Any]:
     return finetune(**kwargs)
 
 
-def _run_parallel(plan, kwargs, jobs: int, done) -> None:
-    """Run the fine-tunings of PLAN in JOBS fresh processes at once ('spawn': nothing of this process's
-    torch state is inherited), calling DONE as each finishes. The first failure stops the others and is
-    raised here (a user mistake keeps its one-line message)."""
-    import multiprocessing
+def _worker(job, kwargs: dict[str, Any], prefix: str, conn) -> None:
+    """One fine-tuning in a worker process: its result, or the exception it raised, goes back on CONN."""
+    import sys
+    import traceback
 
-    pool = multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1)
+    sys.stdout = _Prefixed(sys.stdout, prefix)
     try:
-        pending = {key: pool.apply_async(_finetune_job, (kwargs[key], f"[{key[1]} seed {key[0]}] ")) for key in plan}
-        while pending:
-            for key in [k for k, r in pending.items() if r.ready()]:
-                done(key, pending.pop(key).get())
-            if pending:
-                next(iter(pending.values())).wait(0.5)
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
+        result = (True, job(kwargs))
+    except BaseException as e:  # noqa: BLE001 (handed to the parent, which raises it)
+        if not isinstance(e, (LmforgeError, KeyboardInterrupt)):
+            traceback.print_exc()  # a bug: its traceback, where it happened
+        result = (False, e)
+    conn.send(result)
+    conn.close()
+
+
+def _run_parallel(plan, kwargs, jobs: int, done, job=_finetune_job) -> None:
+    """Run JOB(kwargs[key]) for every key of PLAN, JOBS fresh processes at a time ('spawn': nothing of this
+    process's torch state is inherited), calling DONE(key, result) as each finishes. The first failure
+    stops the others and is raised here: a user mistake keeps its one-line message, and a worker that dies
+    without a word (killed for memory, say) is named with its exit code instead of being waited for."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = list(plan)
+    running: dict[Any, tuple[Any, Any]] = {}  # key -> (process, the pipe its result comes on)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                key = queue.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker, args=(job, kwargs[key], f"[{key[1]} seed {key[0]}] ", send))
+                proc.start()
+                send.close()  # the child holds the only write end: its exit means EOF here
+                running[key] = (proc, recv)
+            ready = wait([r for _, r in running.values()])
+            for key in [k for k, (_, r) in running.items() if r in ready]:
+                proc, recv = running.pop(key)
+                try:
+                    ok, value = recv.recv()
+                except EOFError:
+                    proc.join()
+                    raise LmforgeError(
+                        f"the {key[1]} arm's fine-tuning for seed {key[0]} ended without a result: its process exited "
+                        f"with code {proc.exitcode} (a negative code is the signal that killed it; -9 is often the "
+                        f"kernel out of memory: try fewer --jobs)") from None
+                proc.join()
+                if not ok:
+                    raise value
+                done(key, value)
     finally:
-        pool.join()
+        for proc, _ in running.values():
+            proc.terminate()
+        for proc, _ in running.values():
+            proc.join()
 
 
 def _main(values: dict[str, float], task: str) -> float:
