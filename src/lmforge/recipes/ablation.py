@@ -124,6 +124,9 @@ class _Prefixed:
     def flush(self) -> None:
         self.stream.flush()
 
+    def __getattr__(self, name: str):  # isatty, encoding, fileno, ...: the stream's own
+        return getattr(self.stream, name)
+
 
 def _finetune_job(kwargs: dict[str, Any]) -> dict[str, Any]:
     return finetune(**kwargs)
