@@ -13,6 +13,7 @@ from lmforge.cli import main, run_verb
 from lmforge.models import build_model
 from lmforge.text.tokenizer import train_tokenizer
 from lmforge.train.checkpoint import save_checkpoint
+from lmforge.train.trainer import read_metrics
 
 TEXT = ("the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat and "
         "a bird sings in the old tree near the river bank as the sun goes down over the hills ") * 3
@@ -178,7 +179,7 @@ def test_ablation_jobs_give_the_serial_numbers(tiny_ablation, capfd):
         for seed in (1, 2):
             curves = []
             for name in ("serial", "parallel"):
-                rows = [json.loads(l) for l in (runs / name / f"{arm}-seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+                rows = read_metrics(runs / name / f"{arm}-seed{seed}" / "metrics.jsonl")
                 curves.append([(r["step"], r["loss"]) for r in rows if r.get("split") == "train"])
             assert curves[0] and curves[0] == curves[1]
     assert parallel["delta_dev"] == serial["delta_dev"]

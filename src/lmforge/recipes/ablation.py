@@ -73,7 +73,8 @@ def ablation(
     plan = [(seed, arm) for seed in seeds for arm in ("base", "random")]
     jobs = min(jobs, len(plan))
     if jobs > 1 and train.threads is None:
-        train = replace(train, threads=max(1, (os.cpu_count() or 1) // jobs))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        train = replace(train, threads=max(1, cores // jobs))  # the cores this process may use, not the host's
     kwargs = {(seed, arm): dict(task=task, data=data, task_args=task_args, model=model, init_from=init_from,
                                 random_init=arm == "random", epochs=epochs, warmup_ratio=warmup_ratio,
                                 train=replace(train, seed=seed), name=f"{name}/{arm}-seed{seed}", runs_dir=runs_dir,
