@@ -80,6 +80,7 @@ def _ddp_worker(rank: int, port: int, tmp: str) -> None:
     except RuntimeError as e:
         report["control"] = str(e).splitlines()[0]
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # as the recipes end (end_distributed): nobody tears down while another works
     dist.destroy_process_group()
 
 
@@ -169,6 +170,21 @@ def _gpt_run(tmp: Path, name: str, batch_size: int, parallel: str = "ddp", resum
                     train=TrainConfig(**values), name=name, runs_dir=str(tmp / "runs"), resume=resume)
 
 
+def _mlm_run(tmp: Path, name: str, batch_size: int, parallel: str = "ddp"):
+    """The pretrain recipe on a tiny BERT with the mlm objective (whose loss is a mean over the masked
+    positions, which differ in number between the processes' slices): 6 steps, no dropout."""
+    from lmforge.recipes.pretrain import DataConfig, pretrain
+    from lmforge.train.config import TrainConfig
+
+    cfg = TrainConfig(max_steps=6, batch_size=batch_size, lr=3e-3, min_lr=3e-4, warmup_steps=1, eval_every=3,
+                      log_every=1, save_every=3, tensorboard=False, progress=False, device="cpu", seed=3, threads=1,
+                      parallel=parallel)
+    return pretrain(DataConfig(path=str(tmp / "data"), seq_len=16), arch="bert",
+                    model=dict(BERT, dropout=0.0, attn_dropout=0.0), objective="mlm", objective_args={"whole_word": True},
+                    train=cfg, name=name,
+                    runs_dir=str(tmp / "runs"))
+
+
 def _classify_data(tmp: Path) -> None:
     """48 training and 16 dev sentences (6 global batches of 8 an epoch, all full) and a tokenizer."""
     from lmforge.text.tokenizer import train_tokenizer
@@ -200,6 +216,63 @@ def _classify_run(tmp: Path, name: str, batch_size: int, parallel: str = "ddp"):
     return finetune("classify", TaskData(train=str(tmp / "train.tsv"), dev=str(tmp / "dev.tsv"), max_length=16),
                     arch="bert", model=dict(BERT, dropout=0.0, attn_dropout=0.0), task_args={"dropout": 0.0}, tokenizer=str(tmp / "cls_tok.json"), train=cfg,
                     name=name, runs_dir=str(tmp / "runs"), quiet=True)
+
+
+def _tag_data(tmp: Path) -> None:
+    """CoNLL-style files: 48 training and 16 dev sentences of PER/LOC names among filler words."""
+    rng = __import__("random").Random(1)
+    names = {"PER": ["anna smith", "bo li", "carl", "dana may"], "LOC": ["paris", "new york", "oslo", "la paz"]}
+    fill = "we saw met in the at and then went to".split()
+    for split, n in (("train", 48), ("dev", 16)):
+        sents = []
+        for _ in range(n):
+            rows = [f"{w} O" for w in rng.sample(fill, rng.randint(1, 4))]
+            kind = rng.choice(sorted(names))
+            words = rng.choice(names[kind]).split()
+            rows += [f"{w} {'B' if i == 0 else 'I'}-{kind}" for i, w in enumerate(words)]
+            rows += [f"{w} O" for w in rng.sample(fill, rng.randint(0, 3))]
+            sents.append("\n".join(rows))
+        (tmp / f"{split}.conll").write_text("\n\n".join(sents) + "\n")
+
+
+def _tag_run(tmp: Path, name: str, batch_size: int, parallel: str = "ddp"):
+    """The finetune recipe for tagging with a CRF head: tiny BERT, 6 steps, dev scored at 3 and 6."""
+    from lmforge.recipes.finetune import finetune
+    from lmforge.tasks.base import TaskData
+    from lmforge.train.config import TrainConfig
+
+    cfg = TrainConfig(max_steps=6, batch_size=batch_size, lr=3e-3, min_lr=0.0, warmup_steps=0, eval_every=3,
+                      log_every=1, tensorboard=False, progress=False, device="cpu", seed=2, threads=1, parallel=parallel)
+    return finetune("tag", TaskData(train=str(tmp / "train.conll"), dev=str(tmp / "dev.conll"), max_length=16),
+                    arch="bert", model=dict(BERT, dropout=0.0, attn_dropout=0.0), task_args={"dropout": 0.0, "crf": True},
+                    tokenizer=str(tmp / "cls_tok.json"), train=cfg, name=name, runs_dir=str(tmp / "runs"), quiet=True)
+
+
+def _seq2seq_data(tmp: Path) -> None:
+    """48 training and 8 dev pairs ('translation': upper-case each word) and a BPE tokenizer."""
+    from lmforge.text.tokenizer import train_tokenizer
+
+    rng = __import__("random").Random(2)
+    words = "the cat dog sat ran on a mat big red".split()
+    for split, n in (("train", 48), ("dev", 8)):
+        rows = [" ".join(rng.choices(words, k=rng.randint(2, 5))) for _ in range(n)]
+        (tmp / f"{split}.pairs.tsv").write_text("".join(f"{r}\t{r.upper()}\n" for r in rows))
+    texts = (tmp / "train.pairs.tsv").read_text().replace("\t", "\n").splitlines()
+    train_tokenizer(texts, kind="bpe", vocab_size=300, min_frequency=1).save(tmp / "s2s_tok.json")
+
+
+def _seq2seq_run(tmp: Path, name: str, batch_size: int, parallel: str = "ddp"):
+    """The finetune recipe for seq2seq on a tiny GPT (its loss runs the backbone's lm_head on the response
+    positions, outside the model's forward): 6 steps, dev scored at 3 and 6."""
+    from lmforge.recipes.finetune import finetune
+    from lmforge.tasks.base import TaskData
+    from lmforge.train.config import TrainConfig
+
+    cfg = TrainConfig(max_steps=6, batch_size=batch_size, lr=3e-3, min_lr=0.0, warmup_steps=0, eval_every=3,
+                      log_every=1, tensorboard=False, progress=False, device="cpu", seed=2, threads=1, parallel=parallel)
+    return finetune("seq2seq", TaskData(train=str(tmp / "train.pairs.tsv"), dev=str(tmp / "dev.pairs.tsv")),
+                    arch="gpt", model=dict(GPT, block_size=32, dropout=0.0), task_args={"max_new_tokens": 4},
+                    tokenizer=str(tmp / "s2s_tok.json"), train=cfg, name=name, runs_dir=str(tmp / "runs"), quiet=True)
 
 
 def _metrics(run: Path) -> dict[tuple[int, str], dict]:
@@ -242,8 +315,13 @@ def _same_numbers_worker(rank: int, port: int, tmp: str) -> None:
     _gpt_run(tmp, "one-then-fsdp", 4, "fsdp", resume="latest")
     _classify_run(tmp, "cls-ddp", 4, "ddp")
     _classify_run(tmp, "cls-fsdp", 4, "fsdp")
+    _tag_run(tmp, "tag-ddp", 4, "ddp")
+    _tag_run(tmp, "tag-fsdp", 4, "fsdp")
+    _seq2seq_run(tmp, "s2s-ddp", 4, "ddp")
+    _mlm_run(tmp, "mlm-ddp", 4, "ddp")
     import torch.distributed as dist
 
+    dist.barrier()  # as the recipes end (end_distributed): nobody tears down while another works
     dist.destroy_process_group()
 
 
@@ -262,6 +340,11 @@ def test_two_processes_train_the_one_process_run(tmp_path):
     _classify_data(tmp_path)
     _gpt_run(tmp_path, "one", 8)  # the reference: one process, batch 8
     _classify_run(tmp_path, "cls-one", 8)
+    _tag_data(tmp_path)
+    _tag_run(tmp_path, "tag-one", 8)
+    _seq2seq_data(tmp_path)
+    _seq2seq_run(tmp_path, "s2s-one", 8)
+    _mlm_run(tmp_path, "mlm-one", 8)
     _continue_from(tmp_path, "one", "one-then-fsdp")
     mp.spawn(_same_numbers_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
 
@@ -282,16 +365,19 @@ def test_two_processes_train_the_one_process_run(tmp_path):
         for k, v in ref["state"].items():
             torch.testing.assert_close(ours["state"][k]["exp_avg"], v["exp_avg"], atol=TOL, rtol=0)
     _assert_same_numbers(runs / "one-then-fsdp", runs / "one", steps=range(4, 7))
-    # fine-tuning: the same, dev metrics and the best checkpoint included
-    want = _metrics(runs / "cls-one")
-    for name in ("cls-ddp", "cls-fsdp"):
-        got = _metrics(runs / name)
+    # a loss over a varying number of items (masked positions): each process weighs its mean by its share
+    _assert_same_numbers(runs / "mlm-ddp", runs / "mlm-one")
+    # fine-tuning: the same, dev metrics and the best checkpoint included; tagging trains its CRF and
+    # seq2seq its LM head (each task's loss finds them under the DDP/FSDP wrapper) to the one-process numbers
+    for name, one in (("cls-ddp", "cls-one"), ("cls-fsdp", "cls-one"), ("tag-ddp", "tag-one"), ("tag-fsdp", "tag-one"),
+                      ("s2s-ddp", "s2s-one")):
+        got, want = _metrics(runs / name), _metrics(runs / one)
         assert got.keys() == want.keys()
         for key, row in want.items():
-            for field in ("loss", "grad_norm", "accuracy"):
+            for field in ("loss", "grad_norm", "accuracy", "f1", "bleu"):
                 if field in row:
-                    assert abs(got[key][field] - row[field]) <= TOL, (name, key, field)
-        best, ref = (load_tensors(runs / n / "best" / "model.safetensors") for n in (name, "cls-one"))
+                    assert abs(got[key][field] - row[field]) <= TOL, (name, key, field, got[key][field], row[field])
+        best, ref = (load_tensors(runs / n / "best" / "model.safetensors") for n in (name, one))
         for k in ref:
             torch.testing.assert_close(best[k], ref[k], atol=TOL, rtol=0)
 

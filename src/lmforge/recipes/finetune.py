@@ -7,10 +7,8 @@ keep the best checkpoint (`runs/<name>/best`), score the test file with it.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -125,7 +123,7 @@ def finetune(
     from lmforge.models.task_model import TaskModel
     from lmforge.tasks import get_task
     from lmforge.tasks.base import evaluate_features, hidden_size, pad_id_of, scalar_metrics
-    from lmforge.train.distributed import apply_parallel, setup_distributed
+    from lmforge.train.distributed import apply_parallel, end_distributed, setup_distributed
     from lmforge.train.trainer import Trainer, resolve_device
 
     record = get_task(task)
@@ -265,8 +263,5 @@ def finetune(
                   f"({run_dir / 'best'})", flush=True)
         if "test" in summary:
             print("test: " + "  ".join(f"{k} {v:.4f}" for k, v in summary["test"].items()), flush=True)
-    if world_size > 1 and os.environ.get("LMFORGE_KEEP_PG") is None:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    end_distributed(world_size)
     return summary

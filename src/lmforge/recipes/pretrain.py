@@ -6,7 +6,6 @@ report. The objective (clm, mlm, mlm+nsp, simcse, rtd) is looked up by name; the
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -174,7 +173,7 @@ def pretrain(
     """
     from lmforge.data.shards import open_prepared
     from lmforge.models import build_model
-    from lmforge.train.distributed import apply_activation_checkpointing, apply_parallel, setup_distributed
+    from lmforge.train.distributed import apply_activation_checkpointing, apply_parallel, end_distributed, setup_distributed
     from lmforge.train.protocols import ObjectiveContext
     from lmforge.train.config import check_device
     from lmforge.train.trainer import Trainer, resolve_device
@@ -262,8 +261,5 @@ def pretrain(
         print(f"done: step {result.step}; val {val}; {result.train_tokens_per_s:,.0f} train tokens/s", flush=True)
         print(f"checkpoint {summary['checkpoint']}\nmetrics {run_dir / 'metrics.jsonl'}  curves {run_dir / 'loss.png'}"
               f"  tensorboard --logdir {run_dir / 'tensorboard'}", flush=True)
-    if world_size > 1 and os.environ.get("LMFORGE_KEEP_PG") is None:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    end_distributed(world_size)
     return summary

@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from lmforge.checkpoints import unwrap
 from lmforge.errors import CheckpointError, ConfigError
 
 Column = Union[str, int]
@@ -134,7 +135,15 @@ def hidden_size(backbone: nn.Module) -> int:
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
+    """The backbone of a task model (or the model itself), under any DDP / torch.compile wrapper."""
+    model = unwrap(model)
     return getattr(model, "backbone", model)
+
+
+def head_of(model: nn.Module) -> nn.Module | None:
+    """The head of a task model under any DDP / torch.compile wrapper (a task's loss reaches its head's
+    parts, such as the CRF, through this: under torchrun `model` is the DDP wrapper), or None."""
+    return getattr(unwrap(model), "head", None)
 
 
 @torch.no_grad()

@@ -134,7 +134,7 @@ class ClassifyTask:
         logits = model(batch)
         loss = F.cross_entropy(logits.float(), batch["labels"])
         acc = (logits.argmax(-1) == batch["labels"]).float().mean()
-        return loss, {"acc": acc.detach()}
+        return loss, {"acc": acc.detach(), "loss_items": (batch["labels"] >= 0).sum()}
 
     def decode(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """([(label id, probabilities), ...], summed loss over labelled examples or None)."""

@@ -283,7 +283,7 @@ class QATask:
             labelled = batch["start_position"] >= 0
             hit = (start.argmax(-1) == batch["start_position"]) & (end.argmax(-1) == batch["end_position"]) & labelled
             acc = hit.sum() / labelled.sum().clamp(min=1)
-        return loss, {"span_acc": acc}
+        return loss, {"span_acc": acc, "loss_items": labelled.sum()}
 
     def decode(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """Per window: the question's index, its best spans [(start + end logit, first char, end char)],

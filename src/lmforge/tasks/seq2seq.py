@@ -219,7 +219,7 @@ class Seq2SeqTask:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         nll, _ = self._token_nll(model, batch)
-        return nll.mean(), {}
+        return nll.mean(), {"loss_items": nll.new_tensor(nll.numel())}
 
     @torch.no_grad()
     def decode(self, model: nn.Module, batch: dict[str, torch.Tensor]):

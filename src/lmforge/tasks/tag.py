@@ -18,7 +18,7 @@ from torch import nn
 from lmforge.config import from_dict
 from lmforge.data.task_batches import collate_tokens, pad_to
 from lmforge.errors import ConfigError, DataError
-from lmforge.tasks.base import FeatureStats, TaskData
+from lmforge.tasks.base import FeatureStats, TaskData, head_of
 
 
 @dataclass
@@ -170,21 +170,22 @@ class TagTask:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         emissions, mask = model(batch)
         tags = batch["tags"]
-        crf = model.head.crf if hasattr(model, "head") else None
-        if crf is not None:
-            loss = crf.nll(emissions.float(), tags.clamp(min=0), mask)
-        else:
+        crf = getattr(head_of(model), "crf", None)
+        if crf is not None:  # the mean over sentences
+            loss, items = crf.nll(emissions.float(), tags.clamp(min=0), mask), tags.new_tensor(tags.shape[0])
+        else:  # the mean over labelled words
             loss = F.cross_entropy(emissions.flatten(0, 1).float(), tags.flatten(), ignore_index=-100)
+            items = (tags >= 0).sum()
         with torch.no_grad():
             acc = ((emissions.argmax(-1) == tags) & mask).sum() / mask.sum().clamp(min=1)
-        return loss, {"word_acc": acc}
+        return loss, {"word_acc": acc, "loss_items": items}
 
     def decode(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """([(tag ids of the present words, their probabilities, their word indices), ...], summed loss
         or None). Probabilities are the per-word softmax of the emissions (with a CRF: of its inputs)."""
         emissions, mask = model(batch)
         emissions = emissions.float()
-        crf = model.head.crf if hasattr(model, "head") else None
+        crf = getattr(head_of(model), "crf", None)
         tags = batch.get("tags")
         labelled = tags is not None and bool((tags >= 0).any())
         loss = None

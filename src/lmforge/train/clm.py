@@ -24,7 +24,7 @@ class CLMObjective:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(batch["input_ids"])  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
-        return loss, {}
+        return loss, {"loss_items": (batch["labels"] >= 0).sum()}
 
 
 def build(ctx) -> tuple[CLMBatcher, CLMObjective]:

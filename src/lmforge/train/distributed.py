@@ -34,6 +34,21 @@ def setup_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def end_distributed(world_size: int) -> None:
+    """The end of a recipe under torchrun: wait until every process is done (rank 0 writes the last
+    checkpoint and plots after the others have finished training), then destroy the process group. A
+    process that tore its group down while another was still at work died now and then with SIGABRT
+    ("terminate called without an active exception") in gloo, and torchrun reported the job failed.
+    LMFORGE_KEEP_PG keeps the group (tests that run several recipes in one pair of processes)."""
+    if world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    if os.environ.get("LMFORGE_KEEP_PG") is None:
+        dist.destroy_process_group()
+
+
 def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """Wrap in DistributedDataParallel (gradients all-reduced during backward).
 

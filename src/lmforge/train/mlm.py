@@ -84,7 +84,7 @@ class MLMObjective:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, acc = _mlm_loss(_encode(model, batch, "mlm"), batch)
-        return loss, {"mlm_acc": acc.detach()}
+        return loss, {"mlm_acc": acc.detach(), "loss_items": batch["mlm_positions"].new_tensor(batch["mlm_positions"].numel())}
 
 
 class MLMNSPObjective:

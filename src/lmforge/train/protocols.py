@@ -18,7 +18,13 @@ class Objective(Protocol):
     """Turns a batch into a loss. `metrics` holds 0-dim tensors (means over the batch, e.g. 'acc');
     do not call .item() (that would sync the device). The trainer averages metrics over
     micro-batches and validation batches with equal weight and reports `loss` and, where
-    `reports_perplexity` is true, `ppl = exp(loss)`."""
+    `reports_perplexity` is true, `ppl = exp(loss)`.
+
+    A loss that is a mean over items whose number varies between batches (tokens, masked positions,
+    labelled examples) names that number as `metrics["loss_items"]` (a 0-dim tensor; the trainer takes it
+    out of the metrics). Processes of a torchrun job then weigh their losses by their share of the global
+    batch's items, so N processes train on the mean over all the global batch's items, as one process
+    does; without it each process's mean counts equally."""
 
     reports_perplexity: bool
 

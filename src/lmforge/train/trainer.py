@@ -362,6 +362,7 @@ class Trainer:
             batch = to_device(batch, self.device)
             with self.autocast:
                 loss, metrics = self.loss_fn(model, batch)
+            metrics.pop("loss_items", None)
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() * n
             total += n
@@ -600,6 +601,7 @@ class Trainer:
             with ctx:
                 with self.autocast:
                     loss, metrics = self.loss_fn(self.model, batch)
+                loss = loss * self._share(metrics.pop("loss_items", None))
                 (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() / cfg.grad_accum
@@ -617,6 +619,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._count_nonfinite(step, bad)
         return sums
+
+    def _share(self, items: torch.Tensor | None) -> torch.Tensor | float:
+        """The weight of this process's micro-batch loss, a mean over its `items` (see Objective): its share
+        of the global micro-batch's items times the number of processes. DDP averages the processes'
+        gradients, so the weighted losses give the gradient of the mean over all the global micro-batch's
+        items, which is what one process computes; 1 in one process or for a loss without items."""
+        if items is None or self.world_size <= 1:
+            return 1.0
+        import torch.distributed as dist
+
+        mine = items.detach().to(device=self.device, dtype=torch.float32)
+        total = mine.clone()
+        dist.all_reduce(total)
+        return mine * self.world_size / total.clamp(min=1)
 
     _nonfinite_counts: dict[str, torch.Tensor] | None = None  # on the device: see _count_nonfinite
 
