@@ -404,3 +404,98 @@ def test_init_from_changes_only_the_base_dropout(cls_data, tmp_path, capsys):
     err = cli_error(["ablation", *args, "--model.d_model", "8", "--name", "bad"], capsys)
     assert "--model.d_model: with --init_from the architecture comes from the base" in err
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+# ---- R-Drop (task_args.rdrop) ------------------------------------------------------------------------
+def _kl(p, q):
+    """KL(p || q) per row, by its definition."""
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def test_rdrop_loss_is_the_papers_loss_halved():
+    """Hand-computed from the definitions: (CE_1 + CE_2 + alpha (KL(p1||p2) + KL(p2||p1)) / 2) / 2, means over
+    the labelled rows (a -100 row counts in neither term)."""
+    from lmforge.tasks.classify import rdrop_loss
+
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 2, -100, 1, 1])
+    keep = labels >= 0
+    p, q = a.softmax(-1)[keep], b.softmax(-1)[keep]
+    ce = lambda probs: -probs[torch.arange(len(probs)), labels[keep]].log().mean()  # noqa: E731
+    kl = ((_kl(p, q) + _kl(q, p)) / 2).mean()
+    for alpha in (0.0, 0.7, 5.0):
+        loss, got_kl = rdrop_loss(a, b, labels, alpha)
+        torch.testing.assert_close(got_kl, kl)
+        torch.testing.assert_close(loss, (ce(p) + ce(q) + alpha * kl) / 2)
+
+
+def _tiny_classifier(rdrop, dropout=0.2):
+    from lmforge.models import build_model
+    from lmforge.models.task_model import TaskModel
+    from lmforge.tasks.classify import CLASSIFY
+
+    torch.manual_seed(0)
+    backbone = build_model("bert", {"vocab_size": 50, "n_layer": 1, "n_head": 2, "d_model": 16, "d_ff": 32,
+                                    "max_position": 16, "dropout": dropout, "attn_dropout": dropout})
+    options = CLASSIFY.options({"rdrop": rdrop, "dropout": dropout}).resolved("bert")
+    model = TaskModel(backbone, CLASSIFY.head(16, 3, options))
+    batch = {"input_ids": torch.randint(5, 50, (4, 7)), "attention_mask": torch.ones(4, 7, dtype=torch.long),
+             "token_type_ids": torch.zeros(4, 7, dtype=torch.long), "labels": torch.tensor([0, 1, 2, 1])}
+    return CLASSIFY, model, batch
+
+
+def test_rdrop_runs_the_batch_twice_with_different_dropout_masks():
+    """In training the task's loss is R-Drop's over the two halves of one forward pass over the batch
+    twice (different dropout masks, so a KL above 0); without rdrop, or in eval mode, it is the plain
+    cross-entropy of one pass."""
+    import torch.nn.functional as F
+
+    task, model, batch = _tiny_classifier(rdrop=0.5)
+    model.train()
+    torch.manual_seed(7)
+    loss, metrics = task.loss(model, batch)
+    torch.manual_seed(7)
+    first, second = model({k: torch.cat([v, v]) for k, v in batch.items()}).float().chunk(2)
+    p, q = first.softmax(-1), second.softmax(-1)
+    kl = ((_kl(p, q) + _kl(q, p)) / 2).mean()
+    assert kl > 1e-4  # the masks differ
+    want = (F.cross_entropy(first, batch["labels"]) + F.cross_entropy(second, batch["labels"]) + 0.5 * kl) / 2
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(metrics["rdrop_kl"], kl)
+    assert int(metrics["loss_items"]) == 4
+    loss.backward()  # one backward through both passes
+    assert model.head.classifier.classifier.weight.grad.abs().sum() > 0
+
+    model.eval()  # evaluation: one pass, no KL term
+    loss, metrics = task.loss(model, batch)
+    torch.testing.assert_close(loss, F.cross_entropy(model(batch).float(), batch["labels"]))
+    assert "rdrop_kl" not in metrics
+    task, model, batch = _tiny_classifier(rdrop=0.0)
+    model.train()
+    torch.manual_seed(7)
+    loss, _ = task.loss(model, batch)
+    torch.manual_seed(7)
+    torch.testing.assert_close(loss, F.cross_entropy(model(batch).float(), batch["labels"]))
+
+
+def test_rdrop_finetune_learns_and_logs_the_kl(cls_data, tmp_path):
+    summary = run_verb("finetune", cls_args(cls_data, tmp_path, steps=40, extra=("--task_args.rdrop", "1")))
+    assert summary["best"]["value"] >= 0.9
+    rows = [json.loads(l) for l in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["rdrop_kl"] for r in rows if r["split"] == "train"]
+    assert len(kls) == 40 and all(k >= 0 for k in kls) and max(kls) > 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--task_args.rdrop", "-1"), "task_args.rdrop must be >= 0, got -1"),
+    (("--task_args.rdrop", "0.5", "--model.dropout", "0", "--model.attn_dropout", "0", "--task_args.dropout", "0"),
+     "task_args.rdrop compares two dropout passes, but every dropout rate is 0"),
+])
+def test_rdrop_errors(cls_data, tmp_path, capsys, extra, message):
+    args = cls_args(cls_data, tmp_path)
+    i = args.index("--model.dropout")
+    del args[i:i + 2]
+    err = cli_error(["finetune", *args, *extra], capsys)
+    assert message in err, err
+    assert not (tmp_path / "runs" / "run").exists()

@@ -184,6 +184,10 @@ def finetune(
         backbone.use_heads(*getattr(record, "backbone_heads", ()))
     if hasattr(options, "resolved"):  # options that depend on the architecture (classify: pooling)
         options = options.resolved(arch)
+    if getattr(options, "rdrop", 0) > 0 and not (options.dropout > 0 or any(
+            getattr(backbone.config, k, 0) for k in ("dropout", "attn_dropout"))):
+        raise ConfigError("task_args.rdrop compares two dropout passes, but every dropout rate is 0 (model.dropout, "
+                          "model.attn_dropout, task_args.dropout): set one of them above 0, or task_args.rdrop 0")
     torch.manual_seed(train_cfg.seed)
     net = TaskModel(backbone, record.head(hidden_size(backbone), len(labels), options, labels))
     if hasattr(record, "bind"):
