@@ -12,7 +12,8 @@ evaluate on test.tsv every `--eval-every` steps; training time excludes evaluati
       example (1 epoch, lr 5e-5, batch 32, max length 64 with padding to max_length as run_glue does,
       linear decay, no warm-up), fp32 on CPU.
   lmforge: `lmforge finetune --task classify --init_from minilm-l6` with its own recipe (length-grouped
-      batches with dynamic padding, 6% warm-up; lr, layer-wise lr decay, epochs and pooling from the flags).
+      batches with dynamic padding, 6% warm-up; lr, layer-wise lr decay, epochs, pooling and R-Drop from
+      the flags).
 
 Prints the accuracy curve of each, the training seconds each needs to first reach each target
 (--targets, default the Trainer's own 1-epoch figure and 90%), and the ratio.
@@ -122,7 +123,7 @@ def run_lmforge(args) -> list[tuple[int, float, float]]:
     cfg = replace(FINETUNE_TRAIN, lr=args.lr, batch_size=32, eval_every=args.eval_every, seed=args.seed,
                   progress=False, tensorboard=False, threads=args.threads,
                   layer_decay=args.layer_decay)
-    summary = finetune("classify", data=data, task_args={"pooling": args.pooling}, init_from="minilm-l6",
+    summary = finetune("classify", data=data, task_args={"pooling": args.pooling, "rdrop": args.rdrop}, init_from="minilm-l6",
                        epochs=args.epochs, warmup_ratio=0.06, train=cfg, name="lmforge", runs_dir=str(args.out), quiet=True)
     return [(h["step"], h["train_s"], h["accuracy"]) for h in summary["history"]]
 
@@ -225,6 +226,7 @@ def main() -> None:
                     help="lmforge's layer-wise lr decay (1: off; RESULTS' SST-2 and CoNLL runs use 0.8 with --lr 2e-4)")
     ap.add_argument("--epochs", type=float, default=1.0, help="lmforge's epochs (transformers: its recipe's 1)")
     ap.add_argument("--pooling", default="cls", choices=["cls", "mean"], help="lmforge's sentence vector (sst2)")
+    ap.add_argument("--rdrop", type=float, default=0.0, help="lmforge's task_args.rdrop (sst2; R-Drop's weight, 0: off)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N training examples (smoke test)")
     ap.add_argument("--targets", type=float, nargs="*", default=None,
