@@ -480,11 +480,13 @@ def test_rdrop_runs_the_batch_twice_with_different_dropout_masks():
 
 
 def test_rdrop_finetune_learns_and_logs_the_kl(cls_data, tmp_path):
-    summary = run_verb("finetune", cls_args(cls_data, tmp_path, steps=40, extra=("--task_args.rdrop", "1")))
+    # 60 steps, as test_classify_learns_and_reports: dev accuracy 1.0 from step 40 on (at 40 steps the
+    # schedule ends sooner and the run ends near 0.9, which other numerics can tip below it)
+    summary = run_verb("finetune", cls_args(cls_data, tmp_path, steps=60, extra=("--task_args.rdrop", "1")))
     assert summary["best"]["value"] >= 0.9
     rows = [json.loads(l) for l in (tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()]
     kls = [r["rdrop_kl"] for r in rows if r["split"] == "train"]
-    assert len(kls) == 40 and all(k >= 0 for k in kls) and max(kls) > 0
+    assert len(kls) == 60 and all(k >= 0 for k in kls) and max(kls) > 0
 
 
 @pytest.mark.parametrize("extra, message", [
