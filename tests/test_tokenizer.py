@@ -269,7 +269,8 @@ def test_train_errors():
 def test_train_verb(tmp_path, capsys):
     (tmp_path / "c.txt").write_text("\n\n".join(CORPUS))
     result = train([str(tmp_path / "c.txt")], str(tmp_path / "tok"), kind="wordpiece", vocab_size=150)
-    assert "vocab size 150" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "vocab size 150" in out and "huggingface/tokenizers#1794" in out  # WordPiece's reproducibility note
     tok = Tokenizer.load(tmp_path / "tok")
     assert result == {"path": str(tmp_path / "tok" / "tokenizer.json"), "kind": "wordpiece",
                       "vocab_size": 150, "hash": tok.hash}
@@ -280,3 +281,25 @@ def test_train_verb(tmp_path, capsys):
     with pytest.raises(DataError, match=r"nope\.txt: no such file"):
         train([str(tmp_path / "nope.txt")], str(tmp_path / "t2"))
     assert not (tmp_path / "t2").exists()
+
+
+TRAIN_IN_A_FRESH_PROCESS = """
+import sys
+from lmforge.text.tokenizer import train_tokenizer
+text = open(sys.argv[1], encoding="utf-8").read().split("\\n\\n")
+print(train_tokenizer(text, kind=sys.argv[2], vocab_size=int(sys.argv[3]), min_frequency=1).hash)
+"""
+
+
+@pytest.mark.parametrize("kind, vocab_size", [("bpe", 400), ("char", 100)])
+def test_bpe_and_char_training_give_the_same_file_in_every_process(tmp_path, kind, vocab_size):
+    """tokenizers' hash maps are seeded per process, so only separate processes show whether training
+    depends on their order (it does for WordPiece: huggingface/tokenizers#1794, hence the verb's note)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "c.txt").write_text("\n\n".join(CORPUS), encoding="utf-8")
+    hashes = {subprocess.run([sys.executable, "-c", TRAIN_IN_A_FRESH_PROCESS, str(tmp_path / "c.txt"), kind,
+                              str(vocab_size)], capture_output=True, text=True, check=True).stdout.strip()
+              for _ in range(4)}
+    assert len(hashes) == 1 and len(next(iter(hashes))) == 64, hashes

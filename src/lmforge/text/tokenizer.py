@@ -394,4 +394,9 @@ def train(inputs: list[str], out: str, kind: Kind = "bpe", vocab_size: int = 800
                         f"(every document is empty)") from None
     path = tok.save(out)
     print(f"trained a {kind} tokenizer: vocab size {tok.vocab_size:,}; wrote {path}")
+    if kind == "wordpiece":
+        # tokenizers' WordPiece trainer numbers its '##' pieces in hash-map order and breaks ties between
+        # equally frequent merges by those numbers (huggingface/tokenizers#1794); bpe and char are stable
+        print("note: WordPiece training can give a different vocabulary on each run (huggingface/tokenizers#1794); "
+              "keep this file rather than training it again")
     return {"path": str(path), "kind": kind, "vocab_size": tok.vocab_size, "hash": tok.hash}
