@@ -141,7 +141,7 @@ def test_recorded_losses(cls_data, tmp_path):
     assert got == pytest.approx(RECORDED, abs=2e-4)
 
 
-RECORDED = [0.6964, 0.6622, 0.6207, 0.7153]
+RECORDED = [0.7215, 0.6894, 0.6929, 0.6933]  # re-pinned: the WordPiece fixture became reproducible
 
 
 def test_recorded_losses_crf(ner_data, tmp_path):
@@ -150,7 +150,7 @@ def test_recorded_losses_crf(ner_data, tmp_path):
     assert got == pytest.approx(RECORDED_CRF, abs=2e-4)
 
 
-RECORDED_CRF = [4.8114, 7.1684, 10.262, 8.0501]
+RECORDED_CRF = [4.7408, 7.0559, 9.8716, 7.8541]
 
 
 def ner_args(d, tmp_path, name, crf, steps=80):

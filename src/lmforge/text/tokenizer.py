@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Literal, Optional, Sequence
+from typing import Iterable, Iterator, Literal, Optional, Sequence
 
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -339,13 +339,72 @@ def train_tokenizer(texts: Iterable[str] | Sequence[Path] = (), kind: Kind = "bp
         else:
             specials = BERT_SPECIALS + [t for t in (special_tokens or ()) if t not in BERT_SPECIALS]
             backend, trainer = _wordpiece(vocab_size, min_frequency, lowercase, specials)
-        backend.train_from_iterator(counted, trainer)
         if kind == "wordpiece":
+            _train_wordpiece(backend, counted, trainer)
             _add_bert_template(backend)
+        else:
+            backend.train_from_iterator(counted, trainer)
         tok = Tokenizer(backend, kind)
     if counted.chars == 0:
         raise _EmptyCorpus("no text to train the tokenizer on (the corpus is empty)")
     return tok
+
+
+_SPELLING_BASE = 0x10000  # the supplementary planes: 1,048,576 code points, none of them whitespace
+
+
+def _train_wordpiece(backend: tokenizers.Tokenizer, texts: Iterable[str], wp_trainer) -> None:
+    """Train `backend`'s WordPiece vocabulary on `texts` with the settings of `wp_trainer`, the same on
+    every run.
+
+    tokenizers' WordPieceTrainer is its BPE trainer with a '##' prefix, but it numbers the '##' pieces in
+    the order of a hash map seeded per process and breaks ties between equally frequent merges by those
+    numbers, so one corpus gave a different vocabulary on each run (huggingface/tokenizers#1794). Here each
+    (character, starts the word or not) pair is spelled as a code point of its own, numbered in order of
+    first appearance, and the BPE trainer (whose alphabet is sorted) learns the merges of the words so
+    spelled: the same algorithm and counts, the same ties broken the same way on every run. The pieces are
+    then spelled back, with '##' for a piece that starts inside a word."""
+    normalize, split = backend.normalizer.normalize_str, backend.pre_tokenizer.pre_tokenize_str
+    codes: dict[tuple[str, bool], str] = {}
+    symbols: list[tuple[str, bool]] = []  # code point - _SPELLING_BASE -> (character, inside a word)
+    spelled: dict[str, str] = {}
+
+    def code(char: str, inside: bool) -> str:
+        got = codes.get((char, inside))
+        if got is None:
+            if _SPELLING_BASE + len(symbols) > 0x10FFFF:
+                raise DataError("the corpus has more distinct characters than a WordPiece vocabulary can spell")
+            got = codes[(char, inside)] = chr(_SPELLING_BASE + len(symbols))
+            symbols.append((char, inside))
+        return got
+
+    def spell(word: str) -> str:
+        got = spelled.get(word)
+        if got is None:
+            got = code(word[0], False) + "".join(code(c, True) for c in word[1:])
+            if len(spelled) < 1_000_000:  # bounded memory on huge corpora; a miss only costs time
+                spelled[word] = got
+        return got
+
+    def words() -> Iterator[str]:
+        for text in texts:
+            yield " ".join(spell(w) for w, _ in split(normalize(text)))
+
+    specials = [t.content for t in wp_trainer.special_tokens]
+    bpe = tokenizers.Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bpe.train_from_iterator(words(), trainers.BpeTrainer(
+        vocab_size=wp_trainer.vocab_size, min_frequency=wp_trainer.min_frequency, special_tokens=specials,
+        show_progress=False))
+    vocab = {}
+    for piece, i in bpe.get_vocab().items():
+        if piece in specials:
+            vocab[piece] = i
+            continue
+        chars = [symbols[ord(p) - _SPELLING_BASE] for p in piece]
+        vocab[("##" if chars[0][1] else "") + "".join(c for c, _ in chars)] = i
+    backend.model = models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##")
+    backend.add_special_tokens(specials)
 
 
 class _EmptyCorpus(DataError):
@@ -394,9 +453,4 @@ def train(inputs: list[str], out: str, kind: Kind = "bpe", vocab_size: int = 800
                         f"(every document is empty)") from None
     path = tok.save(out)
     print(f"trained a {kind} tokenizer: vocab size {tok.vocab_size:,}; wrote {path}")
-    if kind == "wordpiece":
-        # tokenizers' WordPiece trainer numbers its '##' pieces in hash-map order and breaks ties between
-        # equally frequent merges by those numbers (huggingface/tokenizers#1794); bpe and char are stable
-        print("note: WordPiece training can give a different vocabulary on each run (huggingface/tokenizers#1794); "
-              "keep this file rather than training it again")
     return {"path": str(path), "kind": kind, "vocab_size": tok.vocab_size, "hash": tok.hash}
