@@ -269,8 +269,7 @@ def test_train_errors():
 def test_train_verb(tmp_path, capsys):
     (tmp_path / "c.txt").write_text("\n\n".join(CORPUS))
     result = train([str(tmp_path / "c.txt")], str(tmp_path / "tok"), kind="wordpiece", vocab_size=150)
-    out = capsys.readouterr().out
-    assert "vocab size 150" in out
+    assert "vocab size 150" in capsys.readouterr().out
     tok = Tokenizer.load(tmp_path / "tok")
     assert result == {"path": str(tmp_path / "tok" / "tokenizer.json"), "kind": "wordpiece",
                       "vocab_size": 150, "hash": tok.hash}

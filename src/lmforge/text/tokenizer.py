@@ -336,14 +336,12 @@ def train_tokenizer(texts: Iterable[str] | Sequence[Path] = (), kind: Kind = "bp
         if kind == "bpe":
             specials = list(special_tokens) if special_tokens is not None else [ENDOFTEXT]
             backend, trainer = _bpe(vocab_size, min_frequency, specials)
+            backend.train_from_iterator(counted, trainer)
         else:
             specials = BERT_SPECIALS + [t for t in (special_tokens or ()) if t not in BERT_SPECIALS]
             backend, trainer = _wordpiece(vocab_size, min_frequency, lowercase, specials)
-        if kind == "wordpiece":
             _train_wordpiece(backend, counted, trainer)
             _add_bert_template(backend)
-        else:
-            backend.train_from_iterator(counted, trainer)
         tok = Tokenizer(backend, kind)
     if counted.chars == 0:
         raise _EmptyCorpus("no text to train the tokenizer on (the corpus is empty)")
@@ -388,7 +386,7 @@ def _train_wordpiece(backend: tokenizers.Tokenizer, texts: Iterable[str], wp_tra
 
     def words() -> Iterator[str]:
         for text in texts:
-            yield " ".join(spell(w) for w, _ in split(normalize(text)))
+            yield " ".join(spell(w) for w, _ in split(normalize(text)) if w)
 
     specials = [t.content for t in wp_trainer.special_tokens]
     bpe = tokenizers.Tokenizer(models.BPE())
