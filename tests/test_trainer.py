@@ -15,7 +15,8 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.train.checkpoint import find_checkpoint, step_checkpoints
 from lmforge.train.clm import CLMObjective
 from lmforge.train.config import TrainConfig
-from lmforge.train.trainer import Trainer, build_optimizer, lr_at
+from lmforge.train import trainer as trainer_mod
+from lmforge.train.trainer import Trainer, build_optimizer, cpu_has_native_bf16, lr_at
 
 
 class TinyLM(nn.Module):
@@ -160,6 +161,30 @@ def test_training_reduces_loss(tmp_path):
     first = tr.evaluate()["loss"]
     res = tr.fit()
     assert res.val["loss"] < first - 0.5
+
+
+def test_native_bf16_detection_agrees_with_proc_cpuinfo():
+    """The CPU's own flag list is the reference: native bf16 is AVX512-BF16 or AMX."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo on this system (not Linux)")
+    flags = set(next(l for l in text.splitlines() if l.startswith("flags")).split(":", 1)[1].split())
+    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_is_named_once(tmp_path, capsys, monkeypatch, native):
+    # which kind of CPU this is cannot be chosen in a test, so the detection is pinned both ways
+    monkeypatch.setattr(trainer_mod, "cpu_has_native_bf16", lambda: native)
+    make_trainer(tmp_path, base_cfg(max_steps=2, eval_every=0, precision="bf16")).fit()
+    make_trainer(tmp_path, base_cfg(max_steps=2, eval_every=0, precision="fp32"), name="fp32").fit()
+    warnings = [l for l in capsys.readouterr().out.splitlines() if "precision bf16" in l]
+    if native:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith("warning: train.precision bf16: ")
+        assert "no native bf16" in warnings[0] and "--train.precision fp32" in warnings[0]
 
 
 def test_full_validation_covers_split_once(tmp_path):

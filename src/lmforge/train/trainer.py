@@ -66,6 +66,23 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it, oneDNN emulates bf16
+    matmuls by converting to fp32 and back, and bf16 autocast is slower than plain fp32: 2.6x on a 2-core
+    Intel Xeon with AVX-512 but no AVX512-BF16 (bench/RESULTS.md, 2026-12-01)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def bf16_cpu_warning(device: torch.device, precision: str) -> str | None:
+    """One warning line when bf16 is asked for on a CPU that would only emulate it, else None."""
+    if device.type != "cpu" or precision != "bf16" or cpu_has_native_bf16():
+        return None
+    name = torch.cpu.get_capabilities().get("cpu_name") or "this CPU"
+    return (f"warning: train.precision bf16: {name} has no native bf16 (AVX512-BF16 or AMX), so bf16 "
+            f"autocast is emulated and runs slower than fp32 (2.6x measured on such a CPU); "
+            f"--train.precision fp32 trains faster here")
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to `lr` (as nanoGPT: lr * (step+1) / (warmup+1)), then decay to `min_lr`."""
     if step < cfg.warmup_steps:
@@ -346,6 +363,9 @@ class Trainer:
         # log-softmax over a large vocabulary) fuses with the model instead of running eagerly.
         self.loss_fn = torch.compile(objective.loss) if cfg.compile else objective.loss
         self.autocast = autocast_for(self.device, cfg.precision)
+        warning = bf16_cpu_warning(self.device, cfg.precision)
+        if warning and self.is_main:
+            print(warning, flush=True)
 
     # -- validation -----------------------------------------------------------------------------
     @torch.no_grad()
