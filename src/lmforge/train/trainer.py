@@ -70,7 +70,8 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it, oneDNN emulates bf16
     matmuls by converting to fp32 and back, and bf16 autocast is slower than plain fp32: 2.6x on a 2-core
     Intel Xeon with AVX-512 but no AVX512-BF16 (bench/RESULTS.md, 2026-12-01)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def bf16_cpu_warning(device: torch.device, precision: str) -> str | None:
