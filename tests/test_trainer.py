@@ -176,7 +176,7 @@ def test_native_bf16_detection_agrees_with_proc_cpuinfo():
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_on_a_cpu_that_emulates_it_is_named_once(tmp_path, capsys, monkeypatch, native):
     # which kind of CPU this is cannot be chosen in a test, so the detection is pinned both ways
-    monkeypatch.setattr(trainer_mod, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(trainer_mod, "cpu_has_native_bf16", lambda caps=None: native)
     make_trainer(tmp_path, base_cfg(max_steps=2, eval_every=0, precision="bf16")).fit()
     make_trainer(tmp_path, base_cfg(max_steps=2, eval_every=0, precision="fp32"), name="fp32").fit()
     warnings = [l for l in capsys.readouterr().out.splitlines() if "precision bf16" in l]

@@ -66,19 +66,22 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16(caps: dict | None = None) -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it, oneDNN emulates bf16
     matmuls by converting to fp32 and back, and bf16 autocast is slower than plain fp32: 2.6x on a 2-core
     Intel Xeon with AVX-512 but no AVX512-BF16 (bench/RESULTS.md, 2026-12-01)."""
-    caps = torch.cpu.get_capabilities()
+    caps = torch.cpu.get_capabilities() if caps is None else caps
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def bf16_cpu_warning(device: torch.device, precision: str) -> str | None:
     """One warning line when bf16 is asked for on a CPU that would only emulate it, else None."""
-    if device.type != "cpu" or precision != "bf16" or cpu_has_native_bf16():
+    if device.type != "cpu" or precision != "bf16":
         return None
-    name = torch.cpu.get_capabilities().get("cpu_name") or "this CPU"
+    caps = torch.cpu.get_capabilities()  # read once: the flags and the CPU's name
+    if cpu_has_native_bf16(caps):
+        return None
+    name = caps.get("cpu_name") or "this CPU"
     return (f"warning: train.precision bf16: {name} has no native bf16 (AVX512-BF16 or AMX), so bf16 "
             f"autocast is emulated and runs slower than fp32 (2.6x measured on such a CPU); "
             f"--train.precision fp32 trains faster here")
