@@ -309,6 +309,8 @@ def test_wordpiece_vocabulary_is_the_wordpiece_trainers_up_to_ties():
     """The reproducible WordPiece training learns the vocabulary of tokenizers' WordPieceTrainer (same
     normalizer, pre-tokenizer and settings): they differ only where equally frequent merges tie, which
     that trainer breaks differently on each run (on this text: 1,995 of 2,000 pieces in common)."""
+    from tokenizers import trainers
+
     from lmforge.text.tokenizer import BERT_SPECIALS, _wordpiece
 
     path = DATA / "tinyshakespeare" / "input.txt"
@@ -316,8 +318,10 @@ def test_wordpiece_vocabulary_is_the_wordpiece_trainers_up_to_ties():
         pytest.skip(f"shared data {path} not available")
     texts = path.read_text(encoding="utf-8").split("\n\n")
     ours = train_tokenizer(texts, kind="wordpiece", vocab_size=2000)
-    backend, trainer = _wordpiece(2000, 2, True, BERT_SPECIALS)
-    backend.train_from_iterator(texts, trainer)
+    backend = _wordpiece(lowercase=True)
+    backend.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=2000, min_frequency=2, special_tokens=BERT_SPECIALS, show_progress=False,
+        continuing_subword_prefix="##"))
     mine, theirs = set(json.loads(ours.to_str())["model"]["vocab"]), set(backend.get_vocab())
     assert len(mine) == len(theirs) == 2000
     assert len(mine & theirs) >= 1980, sorted(mine ^ theirs)

@@ -177,17 +177,13 @@ def finetune(
         raise ConfigError(f"data.max_length={data.max_length} exceeds the model's context length ({context})")
     if not hasattr(backbone, "encode"):
         raise ConfigError(f"arch {arch} cannot be fine-tuned (no encode())")
+    if hasattr(options, "resolved"):  # options that depend on the architecture (classify: pooling)
+        options = options.resolved(arch)
     if hasattr(record, "check_model"):  # e.g. seq2seq generates: it needs a causal LM
-        record.check_model(arch, backbone)
+        record.check_model(arch, backbone, options)
     if hasattr(backbone, "use_heads"):
         # pretraining heads stay in the checkpoint, frozen: the task head replaces them (seq2seq trains the LM head)
         backbone.use_heads(*getattr(record, "backbone_heads", ()))
-    if hasattr(options, "resolved"):  # options that depend on the architecture (classify: pooling)
-        options = options.resolved(arch)
-    if getattr(options, "rdrop", 0) > 0 and not (options.dropout > 0 or any(
-            getattr(backbone.config, k, 0) for k in ("dropout", "attn_dropout"))):
-        raise ConfigError("task_args.rdrop compares two dropout passes, but every dropout rate is 0 (model.dropout, "
-                          "model.attn_dropout, task_args.dropout): set one of them above 0, or task_args.rdrop 0")
     torch.manual_seed(train_cfg.seed)
     net = TaskModel(backbone, record.head(hidden_size(backbone), len(labels), options, labels))
     if hasattr(record, "bind"):

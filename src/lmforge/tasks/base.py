@@ -23,7 +23,9 @@ and optionally:
     resolve_options(options, train_examples)  fill 'auto' options from the training split
     gather(predictions, examples)  per-feature predictions -> per-example ones (qa: windows -> answer)
     bind(model, tokenizer)         give the head what it needs from the tokenizer (seq2seq)
-    check_model(arch, backbone)    refuse a backbone the task cannot use (seq2seq: needs a causal LM)
+    check_model(arch, backbone, options)
+                                   refuse a backbone the task cannot use with these options (seq2seq:
+                                   needs a causal LM; classify: R-Drop needs a dropout above 0)
 """
 from __future__ import annotations
 

@@ -101,6 +101,12 @@ class ClassifyTask:
         if not self.pair and data.text_pair is not None:
             raise ConfigError("data.text_pair is given: use --task pair for sentence pairs")
 
+    def check_model(self, arch: str, backbone: nn.Module, options: ClassifyOptions) -> None:
+        if options.rdrop > 0 and not (options.dropout > 0 or any(
+                getattr(backbone.config, k, 0) for k in ("dropout", "attn_dropout"))):
+            raise ConfigError("task_args.rdrop compares two dropout passes, but every dropout rate is 0 (model.dropout, "
+                              "model.attn_dropout, task_args.dropout): set one of them above 0, or task_args.rdrop 0")
+
     def read(self, path: str, data: TaskData, labelled: bool = True) -> list:
         from lmforge.data.readers import read_table
 

@@ -134,7 +134,7 @@ class Seq2SeqTask:
             raise ConfigError("data.text_pair does not apply to seq2seq: give the prompt and response as "
                               "data.source and data.target")
 
-    def check_model(self, arch: str, backbone: nn.Module) -> None:
+    def check_model(self, arch: str, backbone: nn.Module, options) -> None:
         if not (hasattr(backbone, "lm_head") and hasattr(backbone, "new_cache")):
             raise ConfigError(f"task seq2seq generates text: it needs a causal language model (gpt), not {arch}")
 

@@ -276,18 +276,15 @@ def _bpe(vocab_size: int, min_frequency: int, special_tokens: Sequence[str]):
     return backend, trainer
 
 
-def _wordpiece(vocab_size: int, min_frequency: int, lowercase: bool, special_tokens: Sequence[str]):
-    if vocab_size <= len(special_tokens):
-        raise ConfigError(f"vocab_size: must exceed the {len(special_tokens)} special tokens, got {vocab_size}")
+def _wordpiece(lowercase: bool) -> tokenizers.Tokenizer:
+    """An untrained BERT WordPiece tokenizer: BERT's normalizer (Chinese characters split apart) and
+    pre-tokenizer; `_train_wordpiece` gives it its vocabulary."""
     backend = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
     backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                     strip_accents=None, lowercase=lowercase)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(special_tokens), show_progress=False,
-                                        continuing_subword_prefix="##")
-    return backend, trainer
+    return backend
 
 
 def _add_bert_template(backend: tokenizers.Tokenizer) -> None:
@@ -339,8 +336,10 @@ def train_tokenizer(texts: Iterable[str] | Sequence[Path] = (), kind: Kind = "bp
             backend.train_from_iterator(counted, trainer)
         else:
             specials = BERT_SPECIALS + [t for t in (special_tokens or ()) if t not in BERT_SPECIALS]
-            backend, trainer = _wordpiece(vocab_size, min_frequency, lowercase, specials)
-            _train_wordpiece(backend, counted, trainer)
+            if vocab_size <= len(specials):
+                raise ConfigError(f"vocab_size: must exceed the {len(specials)} special tokens, got {vocab_size}")
+            backend = _wordpiece(lowercase)
+            _train_wordpiece(backend, counted, vocab_size, min_frequency, specials)
             _add_bert_template(backend)
         tok = Tokenizer(backend, kind)
     if counted.chars == 0:
@@ -351,9 +350,10 @@ def train_tokenizer(texts: Iterable[str] | Sequence[Path] = (), kind: Kind = "bp
 _SPELLING_BASE = 0x10000  # the supplementary planes: 1,048,576 code points, none of them whitespace
 
 
-def _train_wordpiece(backend: tokenizers.Tokenizer, texts: Iterable[str], wp_trainer) -> None:
-    """Train `backend`'s WordPiece vocabulary on `texts` with the settings of `wp_trainer`, the same on
-    every run.
+def _train_wordpiece(backend: tokenizers.Tokenizer, texts: Iterable[str], vocab_size: int, min_frequency: int,
+                     specials: Sequence[str]) -> None:
+    """Train `backend`'s WordPiece vocabulary on `texts` (`vocab_size` pieces including `specials`, merges
+    seen at least `min_frequency` times), the same on every run.
 
     tokenizers' WordPieceTrainer is its BPE trainer with a '##' prefix, but it numbers the '##' pieces in
     the order of a hash map seeded per process and breaks ties between equally frequent merges by those
@@ -388,11 +388,11 @@ def _train_wordpiece(backend: tokenizers.Tokenizer, texts: Iterable[str], wp_tra
         for text in texts:
             yield " ".join(spell(w) for w, _ in split(normalize(text)) if w)
 
-    specials = [t.content for t in wp_trainer.special_tokens]
+    specials = list(specials)
     bpe = tokenizers.Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     bpe.train_from_iterator(words(), trainers.BpeTrainer(
-        vocab_size=wp_trainer.vocab_size, min_frequency=wp_trainer.min_frequency, special_tokens=specials,
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
         show_progress=False))
     vocab = {}
     for piece, i in bpe.get_vocab().items():
