@@ -232,7 +232,8 @@ def trainer_curve(run: Path) -> dict:
     if not curve:
         raise SystemExit(f"{run}: no validation records with mlm_acc in metrics.jsonl")
     threads = cfg["train"].get("threads")
-    return {"name": f"{run.name} ({curve[-1]['step']} steps, {threads} thread{'s' if threads != 1 else ''}; trainer masks)",
+    threads = "torch's default threads" if threads is None else f"{threads} thread{'s' if threads != 1 else ''}"
+    return {"name": f"{run.name} ({curve[-1]['step']} steps, {threads}; trainer masks)",
             "recipe": cfg, "steps": curve[-1]["step"], "tokens_per_step": tokens_per_step,
             "train_cpu_s": float("nan"), "wall_s": curve[-1]["wall_s"], "eval_batches": cfg["train"]["eval_batches"],
             "curve": curve, "params": None, "probe": True}
