@@ -313,7 +313,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data/imdb_unsup")
     p.add_argument("--preset", default="bert_en_small")
-    p.add_argument("--variants", default="preset", help="comma-separated names (a+b combines overrides)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated names (a+b combines overrides); without it, only the summary (and --plot) of OUT")
     p.add_argument("--spec", default=None, help="extra JSON overrides applied to every variant named here")
     p.add_argument("--tag", default=None, help="file name for a --spec variant")
     p.add_argument("--budget", type=float, default=600.0, help="training CPU seconds per variant")

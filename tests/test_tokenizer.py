@@ -255,7 +255,7 @@ def test_load_errors(tmp_path):
 def test_train_errors():
     with pytest.raises(ConfigError, match="vocab_size: a byte-level BPE needs at least 257"):
         train_tokenizer(CORPUS, kind="bpe", vocab_size=100)
-    with pytest.raises(ConfigError, match="vocab_size"):
+    with pytest.raises(ConfigError, match="vocab_size: must exceed the 5 special tokens, got 5"):
         train_tokenizer(CORPUS, kind="wordpiece", vocab_size=5)
     with pytest.raises(ConfigError, match="kind: 'gpt'"):
         train_tokenizer(CORPUS, kind="gpt")

@@ -336,8 +336,6 @@ def train_tokenizer(texts: Iterable[str] | Sequence[Path] = (), kind: Kind = "bp
             backend.train_from_iterator(counted, trainer)
         else:
             specials = BERT_SPECIALS + [t for t in (special_tokens or ()) if t not in BERT_SPECIALS]
-            if vocab_size <= len(specials):
-                raise ConfigError(f"vocab_size: must exceed the {len(specials)} special tokens, got {vocab_size}")
             backend = _wordpiece(lowercase)
             _train_wordpiece(backend, counted, vocab_size, min_frequency, specials)
             _add_bert_template(backend)
@@ -362,6 +360,8 @@ def _train_wordpiece(backend: tokenizers.Tokenizer, texts: Iterable[str], vocab_
     first appearance, and the BPE trainer (whose alphabet is sorted) learns the merges of the words so
     spelled: the same algorithm and counts, the same ties broken the same way on every run. The pieces are
     then spelled back, with '##' for a piece that starts inside a word."""
+    if vocab_size <= len(specials):
+        raise ConfigError(f"vocab_size: must exceed the {len(specials)} special tokens, got {vocab_size}")
     normalize, split = backend.normalizer.normalize_str, backend.pre_tokenizer.pre_tokenize_str
     codes: dict[tuple[str, bool], str] = {}
     symbols: list[tuple[str, bool]] = []  # code point - _SPELLING_BASE -> (character, inside a word)
